@@ -1,0 +1,44 @@
+"""Pick the tile config a call runs with.
+
+For now the pick is the caller's config or the default heuristic below; the tuning database and the
+shipped caches come in front of the heuristic with the runtime-dispatch work.
+"""
+
+from __future__ import annotations
+
+from flashgen.codegen import FORWARD
+from flashgen.device import DeviceInfo
+from flashgen.spec import TileConfig, Variant, knob_table
+from flashgen.sram import estimate_shared_bytes, fits, shared_budget
+
+# (block_m, block_n, num_warps, num_stages), best first; the first that fits the shared-memory budget wins.
+# A starting point until a tuned entry exists, not a tuned answer.
+_GPU_PREFERENCE = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
+    256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
+# The interpreter's cost is per inner-loop step, not per element: large-ish tiles, no pipelining.
+_INTERPRETER_DEFAULT = (64, 32, 4, 1)
+
+
+def default_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+    """The forward config used when nothing better is known for ``variant`` on ``device``."""
+    table = knob_table(FORWARD)
+    if device.interpreter:
+        candidates = [_INTERPRETER_DEFAULT]
+    else:
+        size = next(bound for bound in sorted(_GPU_PREFERENCE) if variant.head_dim_padded <= bound)
+        candidates = _GPU_PREFERENCE[size]
+    budget = shared_budget(device, sram_budget)
+    for block_m, block_n, num_warps, num_stages in candidates:
+        config = table.config(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        if fits(variant, config, budget):
+            return config
+    smallest = table.config(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if not fits(variant, smallest, budget):
+        raise ValueError(
+            f"no forward config for {variant.key} fits a shared-memory budget of {budget} bytes "
+            f"(the smallest, {smallest.key}, needs {estimate_shared_bytes(variant, smallest)})"
+        )
+    return smallest

@@ -1,0 +1,96 @@
+"""Launch generated kernels: allocate outputs, compute the grid, pass strides. No validation here: the
+public API (``flashgen.ops``) checks its inputs, and the tuner passes what it generated itself."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flashgen.codegen import FORWARD, kernel_module
+from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
+
+LOG2E = 1.4426950408889634
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    variant: Variant,
+    config: TileConfig,
+    scale: float,
+    causal_offset: int = 0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    rng_offset: int = 0,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel of ``variant`` with ``config``.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides; dtype ``variant.dtype``.
+    Returns out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) float32, contiguous (natural log); pass
+    ``out`` or ``lse`` to have them written there (any strides for out; lse must be contiguous).
+    """
+    batch, heads_q, n_q, head_dim = q.shape
+    if out is None:
+        out = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    args = _forward_args(q, k, v, out, lse, variant, scale, causal_offset, dropout_p, seed, rng_offset)
+    module = kernel_module(FORWARD, variant, config)
+    grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+    module.attn_fwd[grid](*args, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
+
+
+def _forward_args(q, k, v, out, lse, variant, scale, causal_offset, dropout_p, seed, rng_offset) -> list:
+    heads_q, n_q, heads_kv, n_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    args = [
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E,
+    ]  # fmt: skip
+    if variant.causal:
+        args.append(causal_offset)
+    if variant.dropout:
+        args += [dropout_p, seed, rng_offset]
+    return args
+
+
+def compile_forward(variant: Variant, config: TileConfig, device: torch.device | str = "cuda"):
+    """Compile (without launching) the forward kernel for ``variant`` and ``config`` on a CUDA device and
+    return Triton's compiled kernel: ``.metadata.shared`` is its shared memory in bytes. Raises Triton's
+    errors (OutOfResources, CompilationError) as they are."""
+    shape = (1, 1, config.block_m, variant.head_dim)
+    q = torch.empty(shape, dtype=TORCH_DTYPES[variant.dtype], device=device)
+    lse = torch.empty(shape[:3], dtype=torch.float32, device=device)
+    args = _forward_args(q, q, q, q, lse, variant, 1.0, 0, 0.5, 0, 0)
+    module = kernel_module(FORWARD, variant, config)
+    return module.attn_fwd.warmup(*args, grid=(1, 1, 1), num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def dropout_keep_mask(
+    shape: tuple[int, int, int, int],
+    *,
+    variant: Variant,
+    config: TileConfig,
+    dropout_p: float,
+    seed: int,
+    rng_offset: int = 0,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The (B, Hq, Nq, Nk) bool mask of kept elements that ``attention_forward`` draws for the same
+    seed, offset and probability (``variant.dropout`` must be set)."""
+    if not variant.dropout:
+        raise ValueError("dropout_keep_mask needs a variant with dropout=True")
+    batch, heads_q, n_q, n_k = shape
+    keep = torch.empty(shape, dtype=torch.int8, device=device)
+    module = kernel_module(FORWARD, variant, config)
+    grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+    module.dropout_keep_mask[grid](keep, heads_q, n_q, n_k, dropout_p, seed, rng_offset)
+    return keep.bool()

@@ -1,0 +1,31 @@
+"""Where the files that ship with flashgen live, in a checkout, an editable install and a wheel alike.
+
+A wheel carries ``templates/`` and ``tuning_db/`` inside the package (``flashgen/templates``); a checkout
+and an editable install keep them at the top of the repository, beside the package.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _find(name: str) -> Path:
+    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"flashgen's {name}/ folder is missing: looked in {_PACKAGE_DIR / name} and {_PACKAGE_DIR.parent / name}"
+    )
+
+
+@cache
+def templates_dir() -> Path:
+    return _find("templates")
+
+
+@cache
+def tuning_db_dir() -> Path:
+    return _find("tuning_db")

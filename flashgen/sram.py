@@ -1,0 +1,39 @@
+"""How much shared memory a forward kernel needs, so configs over the budget are pruned before compiling.
+
+The model counts the tiles Triton keeps in shared memory: the Q tile (loaded once) and ``num_stages``
+buffers of the K and V tiles (the software pipeline's ring). Registers are not modelled. The error of this
+estimate against what Triton reports for compiled kernels is measured on the GPU and written in
+``docs/sram.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flashgen.device import DeviceInfo
+from flashgen.spec import TileConfig, Variant
+
+
+def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
+    """Estimated shared memory of one program of the forward kernel, in bytes."""
+    row_bytes = variant.head_dim_padded * variant.element_size
+    q_tile = config.block_m * row_bytes
+    kv_ring = config.num_stages * 2 * config.block_n * row_bytes
+    return q_tile + kv_ring
+
+
+def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | None:
+    """The bytes a program may use: the device's limit, lowered to ``user_budget`` if given (None: no limit)."""
+    if user_budget is not None and (isinstance(user_budget, bool) or not isinstance(user_budget, int) or user_budget <= 0):
+        raise ValueError(f"sram budget must be a positive number of bytes, got {user_budget!r}")
+    limits = [b for b in (device.max_shared_mem, user_budget) if b is not None]
+    return min(limits) if limits else None
+
+
+def fits(variant: Variant, config: TileConfig, budget: int | None) -> bool:
+    return budget is None or estimate_shared_bytes(variant, config) <= budget
+
+
+def prune(variant: Variant, configs: Iterable[TileConfig], budget: int | None) -> list[TileConfig]:
+    """The configs whose estimate fits ``budget``, in their given order."""
+    return [config for config in configs if fits(variant, config, budget)]
