@@ -127,8 +127,9 @@ def check(as_json: bool) -> None:
 @_variant_options
 @click.option("--budget", type=click.IntRange(min=1), help="Shared-memory budget in bytes (default: the device's limit).")
 @click.option("--compile", "compile_", is_flag=True, help="Compile each config (GPU only) and show Triton's shared memory next to the estimate.")
+@click.option("--sample", type=click.IntRange(min=1), help="Show only N configs, evenly spread over the table (compiling all takes long).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON here.")
-def configs(head_dim: int, dtype: str, causal: bool, dropout: bool, budget: int | None, compile_: bool, json_out: Path | None) -> None:
+def configs(head_dim: int, dtype: str, causal: bool, dropout: bool, budget: int | None, compile_: bool, sample: int | None, json_out: Path | None) -> None:
     """List the forward template's tile configs for a variant with the SRAM model's estimate.
 
     Configs over the budget are what the tuner prunes before compiling. With --compile, the estimate is
@@ -142,8 +143,11 @@ def configs(head_dim: int, dtype: str, causal: bool, dropout: bool, budget: int 
     limit = shared_budget(info, budget)
     if compile_ and info.interpreter:
         raise click.UsageError("--compile needs a CUDA GPU (the interpreter compiles nothing)")
+    candidates = list(knob_table(FORWARD).all_configs())
+    if sample and sample < len(candidates):
+        candidates = [candidates[i * len(candidates) // sample] for i in range(sample)]
     rows = []
-    for config in knob_table(FORWARD).all_configs():
+    for config in candidates:
         estimate = estimate_shared_bytes(variant, config)
         row = {"config": config.key, "estimate": estimate, "fits": limit is None or estimate <= limit}
         if compile_:
@@ -157,7 +161,7 @@ def configs(head_dim: int, dtype: str, causal: bool, dropout: bool, budget: int 
         table.add_row(*(str(row.get(c, "")) for c in columns))
     console.print(table)
     fitting = sum(row["fits"] for row in rows)
-    console.print(f"{fitting} of {len(rows)} configs fit the budget.")
+    console.print(f"{fitting} of {len(rows)} configs listed fit the budget.")
     if compile_:
         _print_sram_model_error(rows)
     if json_out:
