@@ -105,15 +105,15 @@ def test_dropout_keeps_the_expected_fraction(device, dtype, p):
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
-CPU = "cpu" if not torch.cuda.is_available() else "cuda"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _t(*shape, dtype=torch.float16):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
 
 
 def _qkv(**overrides):
-    base = {
-        "q": torch.randn(1, 4, 8, 32, dtype=torch.float16, device=CPU),
-        "k": torch.randn(1, 2, 8, 32, dtype=torch.float16, device=CPU),
-        "v": torch.randn(1, 2, 8, 32, dtype=torch.float16, device=CPU),
-    }
+    base = {"q": _t(1, 4, 8, 32), "k": _t(1, 2, 8, 32), "v": _t(1, 2, 8, 32)}
     base.update(overrides)
     return base
 
@@ -122,14 +122,13 @@ def _qkv(**overrides):
     "inputs, options, error, match",
     [
         (_qkv(q=[[1.0]]), {}, TypeError, "q must be a torch.Tensor"),
-        (_qkv(q=torch.randn(4, 8, 32, dtype=torch.float16)), {}, ValueError, "q must have 4 dimensions"),
-        (_qkv(k=torch.randn(1, 2, 8, 32, dtype=torch.float32)), {}, TypeError, "k.dtype must match"),
-        (_qkv(q=torch.randn(1, 4, 8, 32, dtype=torch.float64)), {}, TypeError, "q.dtype must be"),
-        (_qkv(v=torch.randn(1, 2, 9, 32, dtype=torch.float16)), {}, ValueError, "k and v must have the same shape"),
-        (_qkv(q=torch.randn(1, 3, 8, 32, dtype=torch.float16)), {}, ValueError, "multiple of k's and v's heads"),
-        (_qkv(q=torch.randn(2, 4, 8, 32, dtype=torch.float16)), {}, ValueError, "batch size must match"),
-        (_qkv(q=torch.randn(1, 4, 8, 8, dtype=torch.float16), k=torch.randn(1, 2, 8, 8, dtype=torch.float16),
-              v=torch.randn(1, 2, 8, 8, dtype=torch.float16)), {}, ValueError, "head_dim"),
+        (_qkv(q=_t(4, 8, 32)), {}, ValueError, "q must have 4 dimensions"),
+        (_qkv(k=_t(1, 2, 8, 32, dtype=torch.float32)), {}, TypeError, "k.dtype must match"),
+        (_qkv(q=_t(1, 4, 8, 32, dtype=torch.float64)), {}, TypeError, "q.dtype must be"),
+        (_qkv(v=_t(1, 2, 9, 32)), {}, ValueError, "k and v must have the same shape"),
+        (_qkv(q=_t(1, 3, 8, 32)), {}, ValueError, "multiple of k's and v's heads"),
+        (_qkv(q=_t(2, 4, 8, 32)), {}, ValueError, "batch size must match"),
+        (_qkv(q=_t(1, 4, 8, 8), k=_t(1, 2, 8, 8), v=_t(1, 2, 8, 8)), {}, ValueError, "head_dim"),
         (_qkv(), {"dropout_p": 1.0}, ValueError, "dropout_p must be in"),
         (_qkv(), {"dropout_p": -0.1}, ValueError, "dropout_p must be in"),
         (_qkv(), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a float"),
