@@ -1,4 +1,5 @@
-"""The `flashgen` command line: generate, check, configs, bench."""
+"""The `flashgen` command line: generate, check, configs, bench, and the tuning database's
+tune, list, show, export, import, prune."""
 
 from __future__ import annotations
 
@@ -252,6 +253,273 @@ def _bench_line(result, peers) -> str:
         m = result.measurements[peer]
         parts.append(f"{peer} {m.tflops:.0f}" if m.tflops is not None else f"{peer} FAILED ({m.failure})")
     return f"{result.point.label}: " + ", ".join(parts)
+
+
+
+# --- the tuning database -------------------------------------------------------------------------------
+
+_DB_OPTION = click.option(
+    "--db", "db_url", envvar="FLASHGEN_DB", show_envvar=True,
+    help="SQLAlchemy URL of the tuning database [default: an SQLite file in the user data directory].",
+)  # fmt: skip
+
+
+def _open_store(db_url: str | None):
+    from flashgen.db import StoreError, TuningStore
+
+    try:
+        return TuningStore(db_url)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _parse_space(items: tuple[str, ...]) -> dict:
+    """``--space block_m=64,128`` -> {"block_m": [64, 128]}, typed by the knob table."""
+    table = knob_table(FORWARD)
+    space: dict = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or name not in table.names:
+            raise click.BadParameter(f"{item!r}: expected KNOB=V1,V2 with KNOB one of {list(table.names)}", param_hint="--space")
+        knob = table[name]
+        parsed = []
+        for text in values.split(","):
+            if isinstance(knob.default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise click.BadParameter(f"{name} takes true or false, got {text!r}", param_hint="--space")
+                parsed.append(text.lower() in ("true", "1"))
+            else:
+                try:
+                    parsed.append(type(knob.default)(text))
+                except ValueError:
+                    raise click.BadParameter(f"{name} takes {list(knob.choices)}, got {text!r}", param_hint="--space") from None
+        bad = [v for v in parsed if v not in knob.choices]
+        if bad:
+            raise click.BadParameter(f"{name} cannot take {bad}; its choices are {list(knob.choices)}", param_hint="--space")
+        space[name] = parsed
+    return space
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["llm", "tiny"]), help="A grid of buckets: llm = head dims 64/128, causal off/on, fp16/bf16, seqlens 512..16k; tiny = what the interpreter can do.")
+@click.option("--head-dim", "head_dims", type=_HEAD_DIM, multiple=True, help="Tune these head dims (instead of a preset).")
+@click.option("--dtype", "dtypes", type=click.Choice(DTYPES), multiple=True, help="[default: fp16 and bf16; fp16 in the interpreter]")
+@click.option("--causal", "causal_modes", type=click.Choice(["off", "on"]), multiple=True, help="[default: off and on]")
+@click.option("--seqlen", "seqlens", type=click.IntRange(min=1), multiple=True, help="Sequence lengths (self-attention).")
+@click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen of each bucket.")
+@click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim of each bucket.")
+@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True, help="Measured configs per bucket at most.")
+@click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds per bucket at most.")
+@click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True, help="Stop a bucket after this many measured configs without improvement.")
+@click.option("--exhaustive", is_flag=True, help="Measure the whole pruned space (how the sampler is judged).")
+@click.option("--space", "space_items", multiple=True, metavar="KNOB=V1,V2", help="Restrict a knob to these values (repeatable).")
+@click.option("--sram-budget", type=click.IntRange(min=1), help="Shared-memory budget in bytes [default: the device's limit].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--compile-workers", type=click.IntRange(min=0), help="Processes compiling candidates ahead [default: up to 8 on a GPU].")
+@_DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, exhaustive,
+         space_items, sram_budget, seed, compile_workers, db_url, as_json) -> None:  # fmt: skip
+    """Search tile configs for shape buckets on this GPU and store the winners in the tuning database.
+
+    Each bucket is tuned by timing its representative shape; every candidate is checked against a float64
+    reference first. Ctrl-C keeps everything measured; running the same command again continues.
+    Without a GPU, tuning runs in Triton's interpreter on tiny shapes and its results are marked as
+    interpreter results, which a GPU never uses.
+    """
+    from flashgen.device import device_info
+    from flashgen.shapes import grid_buckets, preset_buckets
+    from flashgen.tuner import Budget
+    from flashgen.tuning import TuneOptions, tune_buckets
+
+    info = device_info()
+    if preset and head_dims:
+        raise click.UsageError("give --preset or --head-dim, not both")
+    if preset:
+        if dtypes or causal_modes or seqlens:
+            raise click.UsageError("--dtype, --causal and --seqlen go with --head-dim, not --preset")
+        buckets = preset_buckets(preset)
+    elif head_dims:
+        if not seqlens:
+            raise click.UsageError("--head-dim needs at least one --seqlen")
+        buckets = grid_buckets(
+            head_dims=list(head_dims), dtypes=list(dtypes or (["fp16"] if info.interpreter else ["fp16", "bf16"])),
+            causal=[c == "on" for c in (causal_modes or ("off", "on"))], seqlens=list(seqlens), tokens=tokens, hidden=hidden,
+        )  # fmt: skip
+    else:
+        raise click.UsageError("say what to tune: --preset llm, or --head-dim D --seqlen N ...")
+    if info.interpreter:
+        err_console.print("[yellow]No CUDA GPU: tuning in Triton's CPU interpreter. Times are CPU wall clock, the results "
+                          "are stored as interpreter results, and dispatch on a GPU never uses them.[/]")  # fmt: skip
+        too_big = [b.key for b in buckets if b.n_q * b.n_k * b.batch_heads > 64 * 64 * 64 or "bf16" in b.key]
+        if too_big:
+            raise click.UsageError(f"too large (or bf16) for the interpreter: {too_big[:3]}...; use --preset tiny or a GPU")
+    options = TuneOptions(
+        budget=Budget(trials=trials, seconds=time_budget, patience=patience), exhaustive=exhaustive, seed=seed,
+        sram_budget=sram_budget, restrict=_parse_space(space_items), compile_workers=compile_workers,
+    )  # fmt: skip
+    store = _open_store(db_url)
+    err_console.print(f"Tuning {len(buckets)} bucket(s) on {info.name} into {store.url}")
+    results = []
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[best]}"))  # fmt: skip
+    interrupted = False
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        overall = progress.add_task("buckets", total=len(buckets), best="")
+        current = {"task": None}
+
+        def on_bucket_start(bucket, space_size):
+            if current["task"] is not None:
+                progress.update(current["task"], visible=False)
+                progress.advance(overall)
+            total = space_size if exhaustive else min(trials, space_size)
+            current["task"] = progress.add_task(f"{bucket.key} ({space_size} configs)", total=total, best="")
+
+        def on_trial(report):
+            best = f"best {report.best_config.key} {report.best_ms:.3f} ms" if report.best_config else "no valid config yet"
+            progress.update(current["task"], completed=report.measured, best=best)
+
+        try:
+            results = tune_buckets(buckets, store, options, on_bucket_start=on_bucket_start, on_trial=on_trial)
+            progress.advance(overall)
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        err_console.print("[yellow]Interrupted: every config measured so far is stored; run the same command to continue.[/]")
+        sys.exit(130)
+    _print_tune_summary(results, as_json)
+
+
+def _print_tune_summary(results, as_json: bool) -> None:
+    rows = [{
+        "bucket": r.bucket.key, "space": r.space_size, "measured": r.measured, "failed": r.failed,
+        "best_config": r.best_config.key if r.best_config else None,
+        "best_ms": r.best.median_ms if r.best else None, "trials_to_best": r.trials_to_best,
+        "seconds": round(r.seconds, 2), "stopped_by": r.stopped_by,
+        "failures": [{"config": c, "reason": why} for c, why in r.failures],
+    } for r in results]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="tuned")
+    for column in ("bucket", "best config", "ms", "measured", "failed", "to best", "seconds", "stopped by"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["bucket"], row["best_config"] or "-", f"{row['best_ms']:.4f}" if row["best_ms"] else "-",
+                      f"{row['measured']}/{row['space']}", str(row["failed"]), str(row["trials_to_best"]),
+                      f"{row['seconds']:.1f}", row["stopped_by"])  # fmt: skip
+    console.print(table)
+
+
+def _stale(entry) -> bool:
+    from flashgen.codegen import template_digest
+    from flashgen.device import toolchain
+
+    return entry.is_stale(template_digest(entry.template), toolchain()["triton"])
+
+
+@main.command("list")
+@_DB_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def list_entries(db_url, as_json) -> None:
+    """List the tuned entries of the tuning database (stale ones are marked: they are never used)."""
+    entries = _open_store(db_url).entries()
+    if as_json:
+        from flashgen.caches import entry_to_dict
+
+        click.echo(json.dumps([{"id": e.id, "key": e.key, "stale": _stale(e), **entry_to_dict(e)} for e in entries], indent=2))
+        return
+    table = Table(title=f"{len(entries)} tuned entries")
+    for column in ("id", "key", "config", "ms", "TFLOP/s", "trials", "state"):
+        table.add_column(column)
+    for e in entries:
+        state = "stale" if _stale(e) else ("interpreter" if e.device.interpreter else "current")
+        table.add_row(str(e.id), e.key, e.config.key, f"{e.median_ms:.4f}", f"{e.tflops:.1f}", str(e.trials), state)
+    console.print(table)
+
+
+@main.command()
+@click.argument("key")
+@_DB_OPTION
+@click.option("--source/--no-source", default=True, show_default=True, help="Print the generated source too.")
+def show(key, db_url, source) -> None:
+    """Show one entry (KEY: an id or a key from `flashgen list`): config, numbers and generated source."""
+    from flashgen.codegen import render
+
+    entries = _open_store(db_url).find(key)
+    if not entries:
+        raise click.ClickException(f"no entry {key!r} in the tuning database; `flashgen list` shows what there is")
+    for e in entries:
+        console.print(f"[bold]{e.key}[/] (id {e.id}){' [red]stale[/]' if _stale(e) else ''}")
+        console.print(f"  device     {e.device.name} capability {e.device.capability} SMs {e.device.sm_count} "
+                      f"shared {e.device.max_shared_mem}{' (interpreter)' if e.device.interpreter else ''}")  # fmt: skip
+        console.print(f"  toolchain  {e.toolchain}  template digest {e.template_digest}")
+        console.print(f"  config     {e.config.key}")
+        console.print(f"  median     {e.median_ms:.4f} ms, {e.tflops:.1f} TFLOP/s, error {e.error:.2e}")
+        console.print(f"  tuning     {e.trials} trials, best at {e.trials_to_best}, {e.tuning_seconds:.1f} s, {e.created_at:%Y-%m-%d %H:%M}")
+        if source:
+            if _stale(e):
+                click.echo("# stored source (stale entry, shown for inspection only):")
+                click.echo(e.source_text)
+            else:
+                regenerated = render(e.template, e.bucket.variant, e.config)
+                if regenerated.digest != e.source_sha256:
+                    raise click.ClickException("the stored source hash does not match the regenerated source")
+                click.echo(regenerated.text)
+
+
+@main.command("export")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@_DB_OPTION
+@click.option("--include-stale", is_flag=True, help="Export stale entries too.")
+def export_cmd(path, db_url, include_stale) -> None:
+    """Write the tuning database's entries to PATH as JSON text (a diff shows what changed)."""
+    from flashgen.caches import dumps
+
+    entries = [e for e in _open_store(db_url).entries() if include_stale or not _stale(e)]
+    path.write_text(dumps(entries))
+    err_console.print(f"exported {len(entries)} entries to {path}")
+
+
+@main.command("import")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@_DB_OPTION
+def import_cmd(path, db_url) -> None:
+    """Read a JSON tuning cache (from `flashgen export`) into the tuning database, validating every field.
+
+    Nothing in the file is executed: kernels are regenerated from flashgen's templates and checked against
+    the stored hashes. A malformed or altered file is rejected whole.
+    """
+    from flashgen.caches import CacheError, read
+
+    try:
+        entries = read(path)
+    except CacheError as exc:
+        raise click.ClickException(f"rejected: {exc}") from None
+    store = _open_store(db_url)
+    written = sum(store.put(e) for e in entries)
+    stale = sum(_stale(e) for e in entries)
+    err_console.print(f"imported {written} of {len(entries)} entries from {path} "
+                      f"({len(entries) - written} already as fast or faster; {stale} stale)")  # fmt: skip
+
+
+@main.command()
+@_DB_OPTION
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+def prune(db_url, dry_run) -> None:
+    """Remove stale entries: those made by other templates or another Triton version than this one."""
+    store = _open_store(db_url)
+    stale = [e for e in store.entries() if _stale(e)]
+    if not stale:
+        err_console.print("no stale entries")
+        return
+    for e in stale:
+        err_console.print(f"stale: {e.key} (template {e.template_digest}, triton {e.toolchain['triton']})")
+    if not dry_run:
+        removed = store.delete([e.id for e in stale])
+        err_console.print(f"removed {removed} stale entries")
 
 
 if __name__ == "__main__":

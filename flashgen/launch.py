@@ -62,16 +62,30 @@ def _forward_args(q, k, v, out, lse, variant, scale, causal_offset, dropout_p, s
     return args
 
 
-def compile_forward(variant: Variant, config: TileConfig, device: torch.device | str = "cuda"):
+def compile_forward(
+    variant: Variant,
+    config: TileConfig,
+    *,
+    shape: tuple[int, int, int, int, int] | None = None,
+    device: torch.device | str = "cuda",
+):
     """Compile (without launching) the forward kernel for ``variant`` and ``config`` on a CUDA device and
-    return Triton's compiled kernel: ``.metadata.shared`` is its shared memory in bytes. Raises Triton's
-    errors (OutOfResources, CompilationError) as they are."""
-    shape = (1, 1, config.block_m, variant.head_dim)
-    q = torch.empty(shape, dtype=TORCH_DTYPES[variant.dtype], device=device)
-    lse = torch.empty(shape[:3], dtype=torch.float32, device=device)
-    args = _forward_args(q, q, q, q, lse, variant, 1.0, 0, 0.5, 0, 0)
+    return Triton's compiled kernel (``.metadata.shared``: its shared memory in bytes). Raises Triton's
+    errors (OutOfResources, CompilationError) as they are.
+
+    shape: (B, Hq, Hkv, Nq, Nk) of the launches to come. Triton specialises integer arguments (equal to 1,
+    divisible by 16), so compiling with the real shape is what puts the kernel those launches need into
+    Triton's on-disk cache; default: one block.
+    """
+    batch, heads_q, heads_kv, n_q, n_k = shape or (1, 1, 1, config.block_m, config.block_n)
+    dtype = TORCH_DTYPES[variant.dtype]
+    q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
+    kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
+    lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
+    args = _forward_args(q, kv, kv, q, lse, variant, 1.0, 0, 0.5, 0, 0)
     module = kernel_module(FORWARD, variant, config)
-    return module.attn_fwd.warmup(*args, grid=(1, 1, 1), num_warps=config.num_warps, num_stages=config.num_stages)
+    grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+    return module.attn_fwd.warmup(*args, grid=grid, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def dropout_keep_mask(

@@ -45,7 +45,7 @@ def _short_digest(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical_json(data).encode()).hexdigest()[:16]
 
 
-def _check_type(owner: str, name: str, value: Any, expected: type) -> None:
+def check_type(owner: str, name: str, value: Any, expected: type) -> None:
     # bool is a subclass of int: an int field must not accept True, a bool field must not accept 1.
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise TypeError(f"{owner}.{name} must be an int, got {value!r}")
@@ -55,7 +55,7 @@ def _check_type(owner: str, name: str, value: Any, expected: type) -> None:
         raise TypeError(f"{owner}.{name} must be a str, got {value!r}")
 
 
-def _next_power_of_two(n: int) -> int:
+def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
@@ -75,10 +75,10 @@ class Variant:
     dropout: bool = False
 
     def __post_init__(self) -> None:
-        _check_type("Variant", "head_dim", self.head_dim, int)
-        _check_type("Variant", "dtype", self.dtype, str)
-        _check_type("Variant", "causal", self.causal, bool)
-        _check_type("Variant", "dropout", self.dropout, bool)
+        check_type("Variant", "head_dim", self.head_dim, int)
+        check_type("Variant", "dtype", self.dtype, str)
+        check_type("Variant", "causal", self.causal, bool)
+        check_type("Variant", "dropout", self.dropout, bool)
         if not HEAD_DIM_MIN <= self.head_dim <= HEAD_DIM_MAX:
             raise ValueError(
                 f"Variant.head_dim must be in [{HEAD_DIM_MIN}, {HEAD_DIM_MAX}], got {self.head_dim}"
@@ -88,7 +88,7 @@ class Variant:
 
     @property
     def head_dim_padded(self) -> int:
-        return _next_power_of_two(self.head_dim)
+        return next_power_of_two(self.head_dim)
 
     @property
     def element_size(self) -> int:
@@ -139,7 +139,7 @@ class TileConfig:
     def __post_init__(self) -> None:
         for name in CORE_KNOBS:
             value = getattr(self, name)
-            _check_type("TileConfig", name, value, int)
+            check_type("TileConfig", name, value, int)
             if value < 1:
                 raise ValueError(f"TileConfig.{name} must be positive, got {value}")
         for name in ("block_m", "block_n", "num_warps"):

@@ -1,0 +1,423 @@
+"""Search a template's tile configs for one shape bucket on this device (the only module that imports Optuna).
+
+The search space is the template's knob table (``templates/<template>.toml``), optionally restricted by the
+caller, minus configs whose tiles exceed the bucket's lengths and configs over the shared-memory budget:
+those are removed before anything is compiled and never count as trials.
+
+Optuna's ask/tell loop runs the search (TPE, seeded; or a grid over the whole pruned space with
+``exhaustive``). Candidates are asked a batch ahead and handed to :meth:`Evaluator.prepare`, which compiles
+them in worker processes while the GPU measures the previous batch. Every candidate is checked against the
+float64 reference on fresh random inputs before it is timed; one that fails to compile, runs out of
+resources or computes a wrong result is a failed trial with the reason recorded, and the search goes on.
+
+The evaluator (kernel and clock) is injected, so the search logic is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import optuna
+import torch
+
+from flashgen.codegen import FORWARD
+from flashgen.device import DeviceInfo
+from flashgen.launch import attention_forward
+from flashgen.reference import reference_attention, relative_error, tolerance
+from flashgen.shapes import ShapeBucket
+from flashgen.spec import TORCH_DTYPES, KnobValue, TileConfig, knob_table
+from flashgen.sram import fits
+from flashgen.timing import attention_flops, median_ms
+
+CHECK_ROWS = 128  # query rows compared with the float64 reference per candidate (the last rows: under a
+# causal mask they see every key, so the unmasked and the diagonal loop are both checked)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a bucket's search stops: after ``trials`` measured configs, ``seconds`` of wall time, or
+    ``patience`` measured configs in a row without a better one (None: no such limit)."""
+
+    trials: int | None = 40
+    seconds: float | None = None
+    patience: int | None = 15
+
+    def __post_init__(self) -> None:
+        for name in ("trials", "seconds", "patience"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"Budget.{name} must be positive or None, got {value}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What measuring one config gave: a time and an error, or the reason it failed."""
+
+    median_ms: float | None = None
+    error: float | None = None
+    failure: str | None = None  # "compile: ...", "resources: ...", "wrong: ...", "run: ..."
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.median_ms is not None
+
+
+class Evaluator(Protocol):
+    def prepare(self, configs: Sequence[TileConfig]) -> None:
+        """Start work on configs that will be measured soon (compiling them); may do nothing."""
+
+    def measure(self, config: TileConfig) -> Outcome:
+        """Check ``config`` against the reference, then time it."""
+
+
+@dataclass
+class TrialReport:
+    bucket: ShapeBucket
+    measured: int
+    config: TileConfig
+    outcome: Outcome
+    best_config: TileConfig | None
+    best_ms: float | None
+
+
+@dataclass
+class BucketResult:
+    bucket: ShapeBucket
+    space_size: int
+    best_config: TileConfig | None = None
+    best: Outcome | None = None
+    measured: int = 0
+    failed: int = 0
+    trials_to_best: int = 0
+    seconds: float = 0.0
+    stopped_by: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (config key, reason)
+
+
+def search_space(
+    bucket: ShapeBucket,
+    *,
+    sram_budget: int | None,
+    restrict: dict[str, list[KnobValue]] | None = None,
+    template: str = FORWARD,
+) -> list[TileConfig]:
+    """The configs worth measuring for ``bucket``: the knob table's product, restricted to ``restrict``'s
+    values, without tiles longer than the bucket's sequences or over the shared-memory budget."""
+    table = knob_table(template)
+    restrict = restrict or {}
+    for name, values in restrict.items():
+        knob = table[name]
+        bad = [v for v in values if v not in knob.choices or type(v) is not type(knob.default)]
+        if bad:
+            raise ValueError(f"knob {name!r} cannot take {bad}; its choices are {list(knob.choices)}")
+    space = []
+    for config in table.all_configs():
+        if any(config[name] not in values for name, values in restrict.items()):
+            continue
+        if config.block_m > bucket.n_q or config.block_n > bucket.n_k:
+            continue  # a tile longer than the sequence only computes padding
+        if not fits(bucket.variant, config, sram_budget):
+            continue
+        space.append(config)
+    return space
+
+
+def study_name(device: DeviceInfo, bucket: ShapeBucket, template_digest: str, *, exhaustive: bool) -> str:
+    return f"{device.key}/{FORWARD}/{template_digest}/{bucket.key}/{'grid' if exhaustive else 'tpe'}"
+
+
+def tune_bucket(
+    bucket: ShapeBucket,
+    evaluator: Evaluator,
+    *,
+    space: list[TileConfig],
+    storage: optuna.storages.BaseStorage | str,
+    name: str,
+    budget: Budget = Budget(),
+    exhaustive: bool = False,
+    seed: int = 0,
+    batch: int = 4,
+    on_trial: Callable[[TrialReport], None] | None = None,
+    on_best: Callable[[BucketResult], None] | None = None,
+) -> BucketResult:
+    """Search ``space`` for the fastest correct config of ``bucket``; resumes the study ``name`` if it exists.
+
+    ``on_best`` runs each time a faster config is found (store it there: an interrupted search then loses
+    nothing). ``exhaustive`` measures every config of the space and ignores the trial and patience limits.
+    """
+    if not space:
+        raise ValueError(f"no config of the search space fits bucket {bucket.key}")
+    knob_names = list(space[0].to_dict())
+    choices = {n: sorted({c[n] for c in space}, key=lambda v: (str(type(v)), v)) for n in knob_names}
+    in_space = {c.key: c for c in space}
+    if exhaustive:
+        # Every config of the space is enqueued below, in order; the sampler is never consulted.
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+        budget = Budget(trials=None, seconds=budget.seconds, patience=None)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                             n_startup_trials=min(10, max(1, len(space) // 4)))  # fmt: skip
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, direction="minimize", load_if_exists=True)
+    result = BucketResult(bucket=bucket, space_size=len(space))
+
+    # Resume: what earlier runs of this study measured counts, and its best is the best so far.
+    seen: dict[str, float | None] = {}
+    since_best = 0
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        key = trial.user_attrs.get("config")
+        if not trial.user_attrs.get("measured") or key is None:
+            continue
+        result.measured += 1
+        seen[key] = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            if result.best is None or trial.value < result.best.median_ms:
+                result.best_config = in_space.get(key) or TileConfig.from_dict(trial.user_attrs["config_values"])
+                result.best = Outcome(median_ms=trial.value, error=trial.user_attrs.get("error"))
+                result.trials_to_best = result.measured
+                since_best = 0
+            else:
+                since_best += 1
+        else:
+            result.failed += 1
+            since_best += 1
+
+    waiting = optuna.trial.TrialState.WAITING
+    if exhaustive:
+        queued = {TileConfig.from_dict(t.params).key for t in study.get_trials(deepcopy=False, states=(waiting,))}
+        for config in space:
+            if config.key not in seen and config.key not in queued:
+                study.enqueue_trial(config.to_dict())
+    start = time.monotonic()
+    grid_done = False
+
+    def stop_reason() -> str | None:
+        if budget.trials is not None and result.measured >= budget.trials:
+            return "trials"
+        if budget.seconds is not None and time.monotonic() - start >= budget.seconds:
+            return "time"
+        if budget.patience is not None and since_best >= budget.patience:
+            return "patience"
+        if len(seen) >= len(space):
+            return "exhausted"
+        return None
+
+    def ask_batch() -> list[tuple[optuna.trial.Trial, TileConfig]]:
+        nonlocal grid_done
+        asked: list[tuple[optuna.trial.Trial, TileConfig]] = []
+        wanted = batch if budget.trials is None else min(batch, budget.trials - result.measured)
+        skipped = 0
+        while len(asked) < wanted and skipped < 200:
+            if exhaustive and not study.get_trials(deepcopy=False, states=(waiting,)):
+                grid_done = True
+                break
+            trial = study.ask()
+            config = TileConfig.from_dict({n: trial.suggest_categorical(n, choices[n]) for n in knob_names})
+            if config.key not in in_space:
+                # Outside the pruned space (over the SRAM budget, or tiles longer than the sequences):
+                # no compile, no trial counted; PRUNED steers the sampler away from it.
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                skipped += 1
+            elif config.key in seen or any(config == c for _, c in asked):
+                # Measured already: tell the sampler what it gave instead of measuring it again.
+                known = seen.get(config.key)
+                trial.set_user_attr("duplicate", True)
+                if known is None:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                else:
+                    study.tell(trial, known)
+                skipped += 1
+            else:
+                asked.append((trial, config))
+        return asked
+
+    untold: dict[int, optuna.trial.Trial] = {}  # asked, not yet told: failed if we are interrupted
+
+    def tell(trial: optuna.trial.Trial, value: float | None = None, state=None) -> None:
+        untold.pop(trial.number, None)
+        study.tell(trial, value, state=state)
+
+    def ask_ahead() -> list[tuple[optuna.trial.Trial, TileConfig]]:
+        asked = ask_batch()
+        untold.update((trial.number, trial) for trial, _ in asked)
+        evaluator.prepare([config for _, config in asked])
+        return asked
+
+    try:
+        current = ask_ahead() if stop_reason() is None else []
+        while current:
+            upcoming_room = stop_reason() is None and (budget.trials is None or result.measured + len(current) < budget.trials)
+            upcoming = ask_ahead() if upcoming_room else []  # compiles while the GPU measures `current`
+            for trial, config in current:
+                if stop_reason() is not None:
+                    tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    continue
+                outcome = evaluator.measure(config)
+                result.measured += 1
+                trial.set_user_attr("measured", True)
+                trial.set_user_attr("config", config.key)
+                trial.set_user_attr("config_values", config.to_dict())
+                if outcome.error is not None and math.isfinite(outcome.error):
+                    trial.set_user_attr("error", outcome.error)
+                if outcome.ok:
+                    seen[config.key] = outcome.median_ms
+                    tell(trial, outcome.median_ms)
+                    if result.best is None or outcome.median_ms < result.best.median_ms:
+                        result.best_config, result.best = config, outcome
+                        result.trials_to_best = result.measured
+                        since_best = 0
+                        result.seconds = time.monotonic() - start
+                        if on_best:
+                            on_best(result)
+                    else:
+                        since_best += 1
+                else:
+                    seen[config.key] = None
+                    result.failed += 1
+                    result.failures.append((config.key, outcome.failure or "failed"))
+                    trial.set_user_attr("failure", outcome.failure)
+                    tell(trial, state=optuna.trial.TrialState.FAIL)
+                    since_best += 1
+                if on_trial:
+                    on_trial(TrialReport(bucket, result.measured, config, outcome, result.best_config,
+                                         result.best.median_ms if result.best else None))  # fmt: skip
+            current = upcoming
+    finally:
+        for trial in list(untold.values()):  # asked but never measured (interrupted): leave none running
+            tell(trial, state=optuna.trial.TrialState.FAIL)
+    result.seconds = time.monotonic() - start
+    result.stopped_by = stop_reason() or ("exhausted" if grid_done else "converged")
+    return result
+
+
+def _compile_in_worker(variant_dict: dict, config_dict: dict, shape: tuple[int, int, int, int, int]) -> str | None:
+    """Run in a worker process: compile one kernel into Triton's on-disk cache. Returns a failure or None."""
+    from flashgen.launch import compile_forward
+    from flashgen.spec import TileConfig, Variant
+
+    try:
+        compile_forward(Variant.from_dict(variant_dict), TileConfig.from_dict(config_dict), shape=shape)
+    except Exception as exc:  # reported as the trial's failure; the search goes on
+        return _failure(exc)
+    return None
+
+
+def _failure(exc: BaseException) -> str:
+    name = type(exc).__name__
+    kind = "resources" if name == "OutOfResources" else "compile" if "Compil" in name else "run"
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{kind}: {name}: {first}"
+
+
+class KernelEvaluator:
+    """Measures configs of the forward kernel for one bucket on one device (a GPU, or the interpreter).
+
+    Timing inputs are fresh normal tensors at the bucket's representative shape, rotated among enough
+    copies that together they exceed twice the L2 cache; each candidate is first checked on new random
+    values of the first copy. In the interpreter times are wall clock and mean nothing for a GPU.
+    """
+
+    def __init__(self, bucket: ShapeBucket, device: torch.device | str, *, info: DeviceInfo,
+                 pool: ProcessPoolExecutor | None = None,
+                 timer: Callable[[Callable[[], object]], float] | None = None) -> None:  # fmt: skip
+        self.bucket = bucket
+        self.device = torch.device(device)
+        self.info = info
+        self.shape = bucket.representative()
+        self.timer = timer or (median_ms if not info.interpreter else _wall_ms)
+        batch, heads_q, heads_kv, n_q, n_k = self.shape
+        variant = bucket.variant
+        dtype = TORCH_DTYPES[variant.dtype]
+        q_shape, kv_shape = (batch, heads_q, n_q, variant.head_dim), (batch, heads_kv, n_k, variant.head_dim)
+        set_bytes = (2 * math.prod(q_shape) + 2 * math.prod(kv_shape)) * variant.element_size
+        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size if self.device.type == "cuda" else 0
+        copies = min(16, max(1, math.ceil(2 * l2 / set_bytes)))
+        self.inputs = [
+            tuple(torch.randn(s, dtype=dtype, device=self.device) for s in (q_shape, kv_shape, kv_shape))
+            for _ in range(copies)
+        ]
+        self.scale = 1.0 / math.sqrt(variant.head_dim)
+        self.causal_offset = 0  # the representative shape is square: both alignments coincide
+        self.flops = attention_flops(batch, heads_q, n_q, n_k, variant.head_dim, causal=variant.causal)
+        self._pool = None if info.interpreter else pool
+        self._pending: dict[str, Future] = {}
+
+    def prepare(self, configs: Sequence[TileConfig]) -> None:
+        if self._pool is None:
+            return
+        for config in configs:
+            if config.key not in self._pending:
+                self._pending[config.key] = self._pool.submit(
+                    _compile_in_worker, self.bucket.variant.to_dict(), config.to_dict(), self.shape
+                )
+
+    def _run(self, config: TileConfig, q, k, v):
+        return attention_forward(q, k, v, variant=self.bucket.variant, config=config, scale=self.scale,
+                                 causal_offset=self.causal_offset)  # fmt: skip
+
+    def measure(self, config: TileConfig) -> Outcome:
+        pending = self._pending.pop(config.key, None)
+        if pending is not None:
+            try:
+                failure = pending.result()
+            except Exception:  # the worker process died: the launch below compiles here instead
+                failure = None
+            if failure:
+                return Outcome(failure=failure)
+        q, k, v = self.inputs[0]
+        for tensor in (q, k, v):
+            tensor.normal_()  # fresh values for the check: the config must be right on any input
+        try:
+            out, _ = self._run(config, q, k, v)
+        except Exception as exc:
+            return Outcome(failure=_failure(exc))
+        rows = slice(max(0, q.shape[2] - CHECK_ROWS), q.shape[2])
+        offset = self.causal_offset + rows.start if self.bucket.variant.causal else None
+        dtype = TORCH_DTYPES[self.bucket.variant.dtype]
+        ref, _ = reference_attention(q[:, :, rows], k, v, causal_offset=offset)
+        same_dtype, _ = reference_attention(q[:, :, rows], k, v, causal_offset=offset, compute_dtype=dtype)
+        error = relative_error(out[:, :, rows], ref)
+        limit = tolerance(dtype, relative_error(same_dtype, ref))
+        if not error <= limit:  # NaN fails too
+            return Outcome(error=error, failure=f"wrong: relative error {error:.3g} > tolerance {limit:.3g}")
+        turn = iter(range(1 << 62))
+
+        def step() -> None:
+            self._run(config, *self.inputs[next(turn) % len(self.inputs)])
+
+        try:
+            return Outcome(median_ms=self.timer(step), error=error)
+        except Exception as exc:
+            return Outcome(error=error, failure=_failure(exc))
+
+    def tflops(self, ms: float) -> float:
+        return self.flops / (ms * 1e-3) / 1e12
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+
+def compile_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Processes that compile candidates into Triton's on-disk cache while the GPU measures (spawned:
+    CUDA does not survive a fork). None for no workers."""
+    if workers <= 0:
+        return None
+    import multiprocessing
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _wall_ms(fn: Callable[[], object], repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,119 @@
+"""Tune a list of shape buckets on this device and keep each winner in the tuning database.
+
+The glue between the tuner (search, measure) and the store (persist): each faster config found is written
+at once, so an interrupted run loses nothing, and running the same buckets again resumes their studies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flashgen.codegen import FORWARD, render, template_digest
+from flashgen.db.store import TunedEntry, TuningStore
+from flashgen.device import DeviceInfo, device_info, toolchain
+from flashgen.shapes import ShapeBucket
+from flashgen.spec import KnobValue
+from flashgen.sram import shared_budget
+from flashgen.tuner import (
+    Budget,
+    BucketResult,
+    KernelEvaluator,
+    TrialReport,
+    compile_pool,
+    search_space,
+    study_name,
+    tune_bucket,
+)
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    budget: Budget = Budget()
+    exhaustive: bool = False
+    seed: int = 0
+    sram_budget: int | None = None
+    restrict: dict[str, list[KnobValue]] | None = None
+    compile_workers: int | None = None  # None: up to 8, one per spare CPU core, on a GPU
+
+
+def default_compile_workers(info: DeviceInfo) -> int:
+    return 0 if info.interpreter else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def entry_for(result: BucketResult, info: DeviceInfo, evaluator: KernelEvaluator) -> TunedEntry:
+    assert result.best_config is not None and result.best is not None
+    source = render(FORWARD, result.bucket.variant, result.best_config)
+    return TunedEntry(
+        template=FORWARD,
+        template_digest=template_digest(FORWARD),
+        device=info,
+        toolchain=toolchain(),
+        bucket=result.bucket,
+        config=result.best_config,
+        median_ms=result.best.median_ms,
+        tflops=evaluator.tflops(result.best.median_ms),
+        error=result.best.error if result.best.error is not None else 0.0,
+        trials=result.measured,
+        trials_to_best=result.trials_to_best,
+        tuning_seconds=result.seconds,
+        source_sha256=source.digest,
+        source_text=source.text,
+    )
+
+
+def tune_buckets(
+    buckets: list[ShapeBucket],
+    store: TuningStore,
+    options: TuneOptions = TuneOptions(),
+    *,
+    device: torch.device | str | None = None,
+    on_bucket_start: Callable[[ShapeBucket, int], None] | None = None,
+    on_trial: Callable[[TrialReport], None] | None = None,
+) -> list[BucketResult]:
+    """Tune each bucket in turn; returns what each search found (its best is already in ``store``)."""
+    info = device_info(device)
+    device = torch.device("cuda" if not info.interpreter else "cpu") if device is None else torch.device(device)
+    storage = store.optuna_storage()
+    budget_bytes = shared_budget(info, options.sram_budget)
+    workers = default_compile_workers(info) if options.compile_workers is None else options.compile_workers
+    pool = None if info.interpreter else compile_pool(workers)
+    results = []
+    try:
+        for bucket in buckets:
+            results.append(_tune_one(bucket, store, storage, options, info, device, budget_bytes, pool, workers,
+                                     on_bucket_start, on_trial))  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return results
+
+
+def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool, workers, on_bucket_start, on_trial):
+    space = search_space(bucket, sram_budget=budget_bytes, restrict=options.restrict)
+    if on_bucket_start:
+        on_bucket_start(bucket, len(space))
+    evaluator = KernelEvaluator(bucket, device, info=info, pool=pool)
+    try:
+        result = tune_bucket(
+            bucket,
+            evaluator,
+            space=space,
+            storage=storage,
+            name=study_name(info, bucket, template_digest(FORWARD), exhaustive=options.exhaustive),
+            budget=options.budget,
+            exhaustive=options.exhaustive,
+            seed=options.seed,
+            batch=max(4, workers),  # ask as far ahead as there are compile workers
+            on_trial=on_trial,
+            on_best=lambda r: store.put(entry_for(r, info, evaluator)),
+        )
+    finally:
+        evaluator.close()
+    if result.best_config is not None:
+        # A resumed study may find nothing new: make sure its best so far is stored.
+        store.put(entry_for(result, info, evaluator))
+    return result

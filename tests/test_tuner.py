@@ -1,0 +1,146 @@
+"""The search logic with an injected evaluator: a fake clock instead of a GPU, no kernels compiled."""
+
+import optuna
+import pytest
+
+from flashgen.shapes import ShapeBucket
+from flashgen.spec import Variant, knob_table
+from flashgen.sram import estimate_shared_bytes
+from flashgen.tuner import Budget, Outcome, search_space, tune_bucket
+
+BUCKET = ShapeBucket.of(Variant(64, "fp16"), batch=1, heads_q=8, heads_kv=8, n_q=1024, n_k=1024)
+table = knob_table("attn_fwd")
+SMALL = {"block_m": [64, 128], "block_n": [32, 64], "num_warps": [4, 8], "num_stages": [2, 3], "split_masked": [True]}
+
+
+def cost(config) -> float:
+    """A smooth fake latency with one best config: m128 n64 w8 s3."""
+    return (1.0 + 0.3 * abs(config.block_m - 128) / 64 + 0.2 * abs(config.block_n - 64) / 32
+            + 0.1 * (config.num_warps != 8) + 0.05 * abs(config.num_stages - 3))  # fmt: skip
+
+
+class FakeEvaluator:
+    def __init__(self, failing=(), wrong=(), interrupt_after=None):
+        self.failing, self.wrong, self.interrupt_after = set(failing), set(wrong), interrupt_after
+        self.measured, self.prepared = [], []
+
+    def prepare(self, configs):
+        self.prepared.extend(c.key for c in configs)
+
+    def measure(self, config):
+        if self.interrupt_after is not None and len(self.measured) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        self.measured.append(config.key)
+        if config.key in self.failing:
+            return Outcome(failure="compile: CompilationError: boom")
+        if config.key in self.wrong:
+            return Outcome(error=0.5, failure="wrong: relative error 0.5 > tolerance 0.002")
+        return Outcome(median_ms=cost(config), error=1e-4)
+
+
+def run(evaluator, *, storage=None, name="s", budget=Budget(trials=8, patience=None), exhaustive=False, restrict=SMALL, **kw):
+    space = search_space(BUCKET, sram_budget=None, restrict=restrict)
+    return tune_bucket(BUCKET, evaluator, space=space, storage=storage or optuna.storages.InMemoryStorage(), name=name,
+                       budget=budget, exhaustive=exhaustive, **kw)  # fmt: skip
+
+
+def test_exhaustive_measures_every_config_once_and_finds_the_optimum():
+    evaluator = FakeEvaluator()
+    result = run(evaluator, exhaustive=True)
+    assert sorted(evaluator.measured) == sorted(c.key for c in search_space(BUCKET, sram_budget=None, restrict=SMALL))
+    assert len(set(evaluator.measured)) == len(evaluator.measured) == 16 == result.measured
+    assert result.best_config.key == "m128-n64-w8-s3-split_masked=1" and result.stopped_by == "exhausted"
+
+
+def test_trial_budget_is_measured_configs_and_configs_are_prepared_before_they_are_measured():
+    evaluator = FakeEvaluator()
+    result = run(evaluator, budget=Budget(trials=6, patience=None))
+    assert result.measured == len(evaluator.measured) == 6 and result.stopped_by == "trials"
+    assert len(set(evaluator.measured)) == 6  # never the same config twice
+    assert all(key in evaluator.prepared for key in evaluator.measured)
+    assert result.best.median_ms == min(cost(table.config(**_values(k))) for k in evaluator.measured)
+
+
+def _values(key):
+    m, n, w, s, split = key.split("-")
+    return dict(block_m=int(m[1:]), block_n=int(n[1:]), num_warps=int(w[1:]), num_stages=int(s[1:]),
+                split_masked=split.endswith("1"))  # fmt: skip
+
+
+def test_patience_stops_a_search_that_no_longer_improves():
+    result = run(FakeEvaluator(), budget=Budget(trials=None, patience=3), restrict=None)
+    assert result.stopped_by == "patience"
+    assert result.measured - result.trials_to_best == 3
+
+
+def test_failing_and_wrong_configs_are_failed_trials_and_the_search_goes_on():
+    space = search_space(BUCKET, sram_budget=None, restrict=SMALL)
+    failing, wrong = space[0].key, "m128-n64-w8-s3-split_masked=1"
+    storage = optuna.storages.InMemoryStorage()
+    result = run(FakeEvaluator(failing=[failing], wrong=[wrong]), storage=storage, exhaustive=True)
+    assert result.failed == 2 and {c for c, _ in result.failures} == {failing, wrong}
+    assert result.best_config.key != wrong and result.best is not None
+    study = optuna.load_study(study_name="s", storage=storage)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("measured")]
+    assert {t.user_attrs["failure"].split(":")[0] for t in failed} == {"compile", "wrong"}
+
+
+def test_configs_over_the_sram_budget_are_never_measured():
+    budget_bytes = 40_000
+    space = search_space(BUCKET, sram_budget=budget_bytes)
+    assert space and all(estimate_shared_bytes(BUCKET.variant, c) <= budget_bytes for c in space)
+    evaluator = FakeEvaluator()
+    tune_bucket(BUCKET, evaluator, space=space, storage=optuna.storages.InMemoryStorage(), name="s",
+                budget=Budget(trials=10, patience=None))  # fmt: skip
+    assert len(evaluator.measured) == 10
+    assert all(estimate_shared_bytes(BUCKET.variant, table.config(**_values(k))) <= budget_bytes for k in evaluator.measured)
+
+
+def test_tiles_longer_than_the_sequences_are_not_in_the_space():
+    short = ShapeBucket.of(Variant(64, "fp16"), batch=1, heads_q=2, heads_kv=2, n_q=30, n_k=60)
+    space = search_space(short, sram_budget=None)
+    assert space and max(c.block_m for c in space) == 32 and max(c.block_n for c in space) == 64
+
+
+def test_a_resumed_search_continues_where_it_stopped(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'studies.sqlite3'}")
+    first = run(FakeEvaluator(), storage=storage, budget=Budget(trials=5, patience=None))
+    second_eval = FakeEvaluator()
+    second = run(second_eval, storage=storage, budget=Budget(trials=9, patience=None))
+    assert first.measured == 5 and second.measured == 9 and len(second_eval.measured) == 4
+    assert second.best.median_ms <= first.best.median_ms
+
+
+def test_an_interrupted_search_keeps_what_it_measured_and_resumes(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'studies.sqlite3'}")
+    bests = []
+    with pytest.raises(KeyboardInterrupt):
+        run(FakeEvaluator(interrupt_after=3), storage=storage, budget=Budget(trials=8, patience=None),
+            on_best=lambda r: bests.append(r.best.median_ms))  # fmt: skip
+    assert bests  # the best so far was handed out before the interrupt
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    resumed_eval = FakeEvaluator()
+    resumed = run(resumed_eval, storage=storage, budget=Budget(trials=8, patience=None))
+    assert resumed.measured == 8 and len(resumed_eval.measured) == 5
+
+
+def test_the_seeded_sampler_repeats_itself():
+    a, b = FakeEvaluator(), FakeEvaluator()
+    run(a, restrict=None, seed=3)
+    run(b, restrict=None, seed=3)
+    assert a.measured == b.measured
+
+
+def test_tpe_reaches_the_exhaustive_best_in_a_quarter_of_the_trials_on_a_smooth_cost():
+    space = search_space(BUCKET, sram_budget=None)
+    best = min(cost(c) for c in space)
+    result = run(FakeEvaluator(), restrict=None, budget=Budget(trials=len(space) // 4, patience=None))
+    assert result.best.median_ms <= 1.03 * best
+
+
+def test_restricting_to_unknown_values_is_an_error():
+    with pytest.raises(ValueError, match="cannot take"):
+        search_space(BUCKET, sram_budget=None, restrict={"block_m": [48]})
+    with pytest.raises(KeyError, match="no knob"):
+        search_space(BUCKET, sram_budget=None, restrict={"bogus": [1]})
