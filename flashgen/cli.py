@@ -327,6 +327,7 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
     Without a GPU, tuning runs in Triton's interpreter on tiny shapes and its results are marked as
     interpreter results, which a GPU never uses.
     """
+    from flashgen.db import StoreError
     from flashgen.device import device_info
     from flashgen.shapes import grid_buckets, preset_buckets
     from flashgen.tuner import Budget
@@ -386,6 +387,8 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
             progress.advance(overall)
         except KeyboardInterrupt:
             interrupted = True
+        except StoreError as exc:
+            raise click.ClickException(f"{exc} (what was stored before this error is kept)") from None
     if interrupted:
         err_console.print("[yellow]Interrupted: every config measured so far is stored; run the same command to continue.[/]")
         sys.exit(130)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -276,4 +277,12 @@ class TuningStore:
         if self.url in ("sqlite://", "sqlite:///:memory:"):
             return optuna.storages.InMemoryStorage()
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}} if self.url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs)
+        # Two tuners starting together both create Optuna's tables and the second fails on a unique
+        # constraint (seen in tests/test_cli_tune.py); by the next try the tables are there.
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs)
+            except SQLAlchemyError as exc:
+                if attempt == 4:
+                    raise StoreError(f"cannot open Optuna's tables in {self.url!r}: {str(exc).splitlines()[0]}") from exc
+                time.sleep(0.2 * (attempt + 1))
