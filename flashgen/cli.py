@@ -400,6 +400,8 @@ def _print_tune_summary(results, as_json: bool) -> None:
         "bucket": r.bucket.key, "space": r.space_size, "measured": r.measured, "failed": r.failed,
         "best_config": r.best_config.key if r.best_config else None,
         "best_ms": r.best.median_ms if r.best else None, "trials_to_best": r.trials_to_best,
+        "default_config": r.default_config.key if r.default_config else None,
+        "default_ms": r.times.get(r.default_config.key) if r.default_config else None,
         "seconds": round(r.seconds, 2), "stopped_by": r.stopped_by,
         "failures": [{"config": c, "reason": why} for c, why in r.failures],
     } for r in results]  # fmt: skip

@@ -97,6 +97,8 @@ class BucketResult:
     seconds: float = 0.0
     stopped_by: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)  # (config key, reason)
+    times: dict[str, float] = field(default_factory=dict)  # config key -> median ms, of every correct config
+    default_config: TileConfig | None = None  # set by the caller that chose it, for reporting
 
 
 def search_space(
@@ -142,11 +144,14 @@ def tune_bucket(
     exhaustive: bool = False,
     seed: int = 0,
     batch: int = 4,
+    start_with: Sequence[TileConfig] = (),
     on_trial: Callable[[TrialReport], None] | None = None,
     on_best: Callable[[BucketResult], None] | None = None,
 ) -> BucketResult:
     """Search ``space`` for the fastest correct config of ``bucket``; resumes the study ``name`` if it exists.
 
+    ``start_with``: configs measured first (the default config, winners of neighbouring buckets), so the
+    search starts from what is known to be good rather than from random samples; they count as trials.
     ``on_best`` runs each time a faster config is found (store it there: an interrupted search then loses
     nothing). ``exhaustive`` measures every config of the space and ignores the trial and patience limits.
     """
@@ -176,6 +181,7 @@ def tune_bucket(
         result.measured += 1
         seen[key] = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
         if trial.state == optuna.trial.TrialState.COMPLETE:
+            result.times[key] = trial.value
             if result.best is None or trial.value < result.best.median_ms:
                 result.best_config = in_space.get(key) or TileConfig.from_dict(trial.user_attrs["config_values"])
                 result.best = Outcome(median_ms=trial.value, error=trial.user_attrs.get("error"))
@@ -188,11 +194,11 @@ def tune_bucket(
             since_best += 1
 
     waiting = optuna.trial.TrialState.WAITING
-    if exhaustive:
-        queued = {TileConfig.from_dict(t.params).key for t in study.get_trials(deepcopy=False, states=(waiting,))}
-        for config in space:
-            if config.key not in seen and config.key not in queued:
-                study.enqueue_trial(config.to_dict())
+    queued = {TileConfig.from_dict(t.params).key for t in study.get_trials(deepcopy=False, states=(waiting,))}
+    for config in list(start_with) + (space if exhaustive else []):
+        if config.key in in_space and config.key not in seen and config.key not in queued:
+            study.enqueue_trial(config.to_dict())
+            queued.add(config.key)
     start = time.monotonic()
     grid_done = False
 
@@ -265,7 +271,7 @@ def tune_bucket(
                 if outcome.error is not None and math.isfinite(outcome.error):
                     trial.set_user_attr("error", outcome.error)
                 if outcome.ok:
-                    seen[config.key] = outcome.median_ms
+                    seen[config.key] = result.times[config.key] = outcome.median_ms
                     tell(trial, outcome.median_ms)
                     if result.best is None or outcome.median_ms < result.best.median_ms:
                         result.best_config, result.best = config, outcome

@@ -15,6 +15,7 @@ import torch
 from flashgen.codegen import FORWARD, render, template_digest
 from flashgen.db.store import TunedEntry, TuningStore
 from flashgen.device import DeviceInfo, device_info, toolchain
+from flashgen.dispatch import default_config
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import KnobValue
 from flashgen.sram import shared_budget
@@ -97,6 +98,12 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     if on_bucket_start:
         on_bucket_start(bucket, len(space))
     evaluator = KernelEvaluator(bucket, device, info=info, pool=pool)
+    # Start from the default config and what neighbouring buckets of this variant found (other lengths and
+    # batch sizes usually share their best tiles): the search then never ends worse than the default.
+    default = default_config(bucket.variant, info, sram_budget=options.sram_budget)
+    neighbours = [e.config for e in store.entries()
+                  if e.device == info and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
+    start_with = [] if options.exhaustive else list(dict.fromkeys([default, *neighbours]))
     try:
         result = tune_bucket(
             bucket,
@@ -108,12 +115,14 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
             exhaustive=options.exhaustive,
             seed=options.seed,
             batch=max(4, workers),  # ask as far ahead as there are compile workers
+            start_with=start_with,
             on_trial=on_trial,
             on_best=lambda r: store.put(entry_for(r, info, evaluator)),
         )
     finally:
         evaluator.close()
     if result.best_config is not None:
-        # A resumed study may find nothing new: make sure its best so far is stored.
+        # The final counts (trials, time) replace those written when the best was found.
         store.put(entry_for(result, info, evaluator))
+    result.default_config = default
     return result

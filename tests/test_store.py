@@ -121,3 +121,13 @@ def test_two_processes_writing_one_file_lose_nothing(tmp_path):
         w.join(120)
         assert w.exitcode == 0
     assert len({e.key for e in TuningStore(url).entries()}) == 96
+
+
+def test_the_same_winner_stored_again_updates_its_counts(store):
+    store.put(make_entry(ms=1.0))
+    again = make_entry(ms=1.0)
+    again = TunedEntry(**{**again.__dict__, "trials": 60, "tuning_seconds": 99.0})
+    assert store.put(again)
+    (only,) = store.entries()
+    assert only.trials == 60 and only.tuning_seconds == 99.0
+    assert not store.put(make_entry(ms=1.0, block_m=64))  # a different config at the same time does not replace it

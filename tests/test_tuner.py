@@ -144,3 +144,13 @@ def test_restricting_to_unknown_values_is_an_error():
         search_space(BUCKET, sram_budget=None, restrict={"block_m": [48]})
     with pytest.raises(KeyError, match="no knob"):
         search_space(BUCKET, sram_budget=None, restrict={"bogus": [1]})
+
+
+def test_start_with_configs_are_measured_first_so_the_search_never_ends_worse():
+    space = search_space(BUCKET, sram_budget=None)
+    default = table.config(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    evaluator = FakeEvaluator()
+    result = run(evaluator, restrict=None, start_with=[default, default], budget=Budget(trials=5, patience=None))
+    assert evaluator.measured[0] == default.key and evaluator.measured.count(default.key) == 1
+    assert result.best.median_ms <= cost(default) and result.times[default.key] == cost(default)
+    assert default in space

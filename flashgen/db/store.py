@@ -226,8 +226,9 @@ class TuningStore:
             return int(session.get(Meta, "schema_version").value)
 
     def put(self, entry: TunedEntry) -> bool:
-        """Store ``entry`` unless an entry for the same key and toolchain is already at least as fast.
-        Returns whether it was written. Safe against a concurrent writer of the same key."""
+        """Store ``entry`` unless an entry for the same key and toolchain is faster (the same config at the
+        same time is replaced: its counts are newer). Returns whether it was written. Safe against a
+        concurrent writer of the same key."""
         for _ in range(3):
             try:
                 with self.session() as session:
@@ -239,7 +240,8 @@ class TuningStore:
                         )
                     ).one_or_none()
                     if existing is not None:
-                        if existing.median_ms <= entry.median_ms:
+                        same = existing.config_json == json.dumps(entry.config.to_dict(), sort_keys=True)
+                        if existing.median_ms < entry.median_ms or (existing.median_ms == entry.median_ms and not same):
                             return False
                         session.delete(existing)
                         session.flush()
