@@ -404,6 +404,7 @@ def _print_tune_summary(results, as_json: bool) -> None:
         "default_ms": r.times.get(r.default_config.key) if r.default_config else None,
         "seconds": round(r.seconds, 2), "stopped_by": r.stopped_by,
         "failures": [{"config": c, "reason": why} for c, why in r.failures],
+        "times": r.times,
     } for r in results]  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=2))

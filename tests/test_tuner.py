@@ -154,3 +154,14 @@ def test_start_with_configs_are_measured_first_so_the_search_never_ends_worse():
     assert evaluator.measured[0] == default.key and evaluator.measured.count(default.key) == 1
     assert result.best.median_ms <= cost(default) and result.times[default.key] == cost(default)
     assert default in space
+
+
+def test_local_search_climbs_from_the_start_to_the_optimum_in_few_trials():
+    start = table.config(block_m=64, block_n=32, num_warps=4, num_stages=2, split_masked=True)
+    space = search_space(BUCKET, sram_budget=None)
+    best = min(space, key=cost)
+    budget = Budget(trials=len(space) // 20, patience=None)  # 50 of 1000 configs
+    local = run(FakeEvaluator(), restrict=None, start_with=[start], budget=budget)
+    sampler_only = run(FakeEvaluator(), restrict=None, start_with=[start], budget=budget, local_search=False)
+    assert local.best_config == best
+    assert sampler_only.best.median_ms > local.best.median_ms  # the seeded TPE alone does not get there
