@@ -114,7 +114,7 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
             budget=options.budget,
             exhaustive=options.exhaustive,
             seed=options.seed,
-            batch=max(4, workers),  # ask as far ahead as there are compile workers
+            batch=4,  # asked two batches ahead: up to 8 compiling while one is measured
             start_with=start_with,
             on_trial=on_trial,
             on_best=lambda r: store.put(entry_for(r, info, evaluator)),

@@ -165,3 +165,15 @@ def test_local_search_climbs_from_the_start_to_the_optimum_in_few_trials():
     sampler_only = run(FakeEvaluator(), restrict=None, start_with=[start], budget=budget, local_search=False)
     assert local.best_config == best
     assert sampler_only.best.median_ms > local.best.median_ms  # the seeded TPE alone does not get there
+
+
+def test_neighbours_move_one_knob_or_block_m_with_num_warps():
+    from flashgen.tuner import _neighbours
+
+    choices = {"block_m": [64, 128, 256], "block_n": [32, 64], "num_warps": [4, 8], "num_stages": [3], "split_masked": [False, True]}
+    centre = table.config(block_m=128, block_n=64, num_warps=8, num_stages=3, split_masked=True)
+    keys = {c.key for c in _neighbours(centre, choices)}
+    assert keys == {
+        "m64-n64-w8-s3-split_masked=1", "m256-n64-w8-s3-split_masked=1", "m128-n32-w8-s3-split_masked=1",
+        "m128-n64-w4-s3-split_masked=1", "m128-n64-w8-s3-split_masked=0", "m64-n64-w4-s3-split_masked=1",
+    }  # fmt: skip
