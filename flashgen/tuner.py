@@ -199,7 +199,12 @@ def tune_bucket(
             since_best += 1
 
     waiting = optuna.trial.TrialState.WAITING
-    queued = {TileConfig.from_dict(t.params).key for t in study.get_trials(deepcopy=False, states=(waiting,))}
+    # Enqueued trials keep their values in system_attrs["fixed_params"] until they are asked.
+    queued = {
+        TileConfig.from_dict(t.system_attrs["fixed_params"]).key
+        for t in study.get_trials(deepcopy=False, states=(waiting,))
+        if "fixed_params" in t.system_attrs
+    }
     for config in list(start_with) + (space if exhaustive else []):
         if config.key in in_space and config.key not in seen and config.key not in queued:
             study.enqueue_trial(config.to_dict())
