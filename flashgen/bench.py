@@ -72,8 +72,9 @@ class PointResult:
         return {"point": asdict(self.point), "measurements": {k: asdict(m) for k, m in self.measurements.items()}}
 
 
-def points(head_dims: list[int], seqlens: list[int], causal: list[bool], dtype: str) -> list[Point]:
-    return [Point(d, c, n, dtype) for d in head_dims for c in causal for n in seqlens]
+def points(head_dims, seqlens, causal, dtype: str, *, tokens: int = 16384, hidden: int = 2048) -> list[Point]:
+    """The benchmark grid, head dim outermost, then causal, then seqlen."""
+    return [Point(d, c, n, dtype, tokens, hidden) for d in head_dims for c in causal for n in seqlens]
 
 
 @contextlib.contextmanager

@@ -216,7 +216,7 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, json_o
 
     if not torch.cuda.is_available():
         raise click.UsageError("bench needs a CUDA GPU; `flashgen check` runs without one")
-    grid = [b.Point(d, c == "on", n, dtype, tokens, hidden) for d in head_dims for c in causal_modes for n in seqlens]
+    grid = b.points(head_dims, seqlens, [c == "on" for c in causal_modes], dtype, tokens=tokens, hidden=hidden)
     all_peers = ("flashgen", *peers)
     results = []
     with console.status("benchmarking") as status:

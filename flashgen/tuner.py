@@ -4,9 +4,11 @@ The search space is the template's knob table (``templates/<template>.toml``), o
 caller, minus configs whose tiles exceed the bucket's lengths and configs over the shared-memory budget:
 those are removed before anything is compiled and never count as trials.
 
-Optuna's ask/tell loop runs the search (TPE, seeded; or a grid over the whole pruned space with
-``exhaustive``). Candidates are asked a batch ahead and handed to :meth:`Evaluator.prepare`, which compiles
-them in worker processes while the GPU measures the previous batch. Every candidate is checked against the
+Optuna's ask/tell loop runs the search: the given start configs first (the default, neighbouring buckets'
+winners), then the neighbours of the best so far, then Optuna's TPE sampler (seeded) where the
+neighbourhood is used up; with ``exhaustive``, every config of the pruned space in turn. Candidates are asked
+a batch ahead and handed to :meth:`Evaluator.prepare`, which compiles them in worker processes while the GPU
+measures the previous batch. Every candidate is checked against the
 float64 reference on fresh random inputs before it is timed; one that fails to compile, runs out of
 resources or computes a wrong result is a failed trial with the reason recorded, and the search goes on.
 
@@ -130,7 +132,7 @@ def search_space(
 
 
 def study_name(device: DeviceInfo, bucket: ShapeBucket, template_digest: str, *, exhaustive: bool) -> str:
-    return f"{device.key}/{FORWARD}/{template_digest}/{bucket.key}/{'grid' if exhaustive else 'tpe'}"
+    return f"{device.key}/{FORWARD}/{template_digest}/{bucket.key}/{'exhaustive' if exhaustive else 'search'}"
 
 
 def tune_bucket(
@@ -153,10 +155,10 @@ def tune_bucket(
 
     ``start_with``: configs measured first (the default config, winners of neighbouring buckets), so the
     search starts from what is known to be good rather than from random samples; they count as trials.
-    ``local_search``: before the sampler is asked, measure the unmeasured one-step neighbours of the best
-    config so far (each knob moved to the next value up or down): tile spaces are smooth near their
-    optimum, and on the H200 the exhaustive winners were one or two steps from the default. The sampler
-    (TPE) takes over where the neighbourhood is exhausted.
+    ``local_search``: before the sampler is asked, measure the unmeasured neighbours of the best config so
+    far (see :func:`_neighbours`): tile spaces are smooth near their optimum, and on the H200 the exhaustive
+    winners were one or two such steps from the default. The sampler (TPE) takes over where the
+    neighbourhood is used up.
     ``on_best`` runs each time a faster config is found (store it there: an interrupted search then loses
     nothing). ``exhaustive`` measures every config of the space and ignores the trial and patience limits.
     """
@@ -210,7 +212,7 @@ def tune_bucket(
             study.enqueue_trial(config.to_dict())
             queued.add(config.key)
     start = time.monotonic()
-    grid_done = False
+    queue_done = False
 
     def stop_reason() -> str | None:
         if budget.trials is not None and result.measured >= budget.trials:
@@ -235,14 +237,14 @@ def tune_bucket(
                 queued.add(config.key)
 
     def ask_batch() -> list[tuple[optuna.trial.Trial, TileConfig]]:
-        nonlocal grid_done
+        nonlocal queue_done
         enqueue_neighbours()
         asked: list[tuple[optuna.trial.Trial, TileConfig]] = []
         wanted = batch if budget.trials is None else min(batch, budget.trials - result.measured)
         skipped = 0
         while len(asked) < wanted and skipped < 200:
             if exhaustive and not study.get_trials(deepcopy=False, states=(waiting,)):
-                grid_done = True
+                queue_done = True
                 break
             trial = study.ask()
             config = TileConfig.from_dict({n: trial.suggest_categorical(n, choices[n]) for n in knob_names})
@@ -319,7 +321,7 @@ def tune_bucket(
         for trial in list(untold.values()):  # asked but never measured (interrupted): leave none running
             tell(trial, state=optuna.trial.TrialState.FAIL)
     result.seconds = time.monotonic() - start
-    result.stopped_by = stop_reason() or ("exhausted" if grid_done else "converged")
+    result.stopped_by = stop_reason() or ("exhausted" if queue_done else "converged")
     return result
 
 
