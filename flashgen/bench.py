@@ -2,7 +2,11 @@
 
 Peers: SDPA with each backend (cuDNN, flash, efficient) and compiled FlexAttention. Every peer's output is
 checked against a float64 reference on the first query rows before it is timed; a peer that fails or is
-not supported for a point is reported as such, not dropped. Forward only until the backward pass lands.
+not supported for a point is reported as such, not dropped.
+
+Backward (``direction="bwd"``): each peer's forward runs once, then only its backward is timed
+(``retain_graph``), FLOPs 2.5x the forward's. dQ is checked against PyTorch's float32 math attention where
+that fits (seqlen <= BWD_CHECK_MAX); longer points are timed unchecked (the GPU tests cover correctness).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flashgen.timing import attention_flops, median_ms, tflops
 
 PEERS = ("flashgen", "cudnn", "flash", "efficient", "flex")
 CHECK_ROWS = 256  # query rows compared against the float64 reference (the full matrix does not fit at 16k)
+BWD_CHECK_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Point:
     dtype: str
     tokens: int = 16384
     hidden: int = 2048
+    backward: bool = False
 
     @property
     def batch(self) -> int:
@@ -46,11 +52,12 @@ class Point:
 
     @property
     def flops(self) -> float:
-        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, causal=self.causal)
+        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, causal=self.causal,
+                               backward=self.backward)  # fmt: skip
 
     @property
     def label(self) -> str:
-        return f"d{self.head_dim}{' causal' if self.causal else ''} N={self.seqlen}"
+        return f"{'bwd ' if self.backward else ''}d{self.head_dim}{' causal' if self.causal else ''} N={self.seqlen}"
 
 
 @dataclass
@@ -72,9 +79,9 @@ class PointResult:
         return {"point": asdict(self.point), "measurements": {k: asdict(m) for k, m in self.measurements.items()}}
 
 
-def points(head_dims, seqlens, causal, dtype: str, *, tokens: int = 16384, hidden: int = 2048) -> list[Point]:
+def points(head_dims, seqlens, causal, dtype: str, *, tokens: int = 16384, hidden: int = 2048, backward: bool = False) -> list[Point]:
     """The benchmark grid, head dim outermost, then causal, then seqlen."""
-    return [Point(d, c, n, dtype, tokens, hidden) for d in head_dims for c in causal for n in seqlens]
+    return [Point(d, c, n, dtype, tokens, hidden, backward) for d in head_dims for c in causal for n in seqlens]
 
 
 @contextlib.contextmanager
@@ -114,6 +121,8 @@ def _peer_call(peer: str, point: Point, q, k, v, config: TileConfig | None) -> t
 
 def bench_point(point: Point, peers: tuple[str, ...], *, config: TileConfig | None = None, rep_ms: float = 100) -> PointResult:
     """Check, then time, each peer on one set of fresh random inputs."""
+    if point.backward:
+        return _bench_backward(point, peers, rep_ms=rep_ms)
     dtype = TORCH_DTYPES[point.dtype]
     shape = (point.batch, point.heads, point.seqlen, point.head_dim)
     q, k, v = (torch.randn(shape, dtype=dtype, device="cuda") for _ in range(3))
@@ -133,6 +142,48 @@ def bench_point(point: Point, peers: tuple[str, ...], *, config: TileConfig | No
                 if not m.error <= 2e-2:  # also catches NaN
                     raise RuntimeError(f"wrong result: relative error {m.error:.3g}")
                 m.ms = median_ms(fn, rep_ms=rep_ms)
+            m.tflops = tflops(point.flops, m.ms)
+        except Exception as exc:  # a peer that cannot run this point is reported, not fatal
+            m.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        result.measurements[peer] = m
+        torch.cuda.empty_cache()
+    return result
+
+
+def _bench_backward(point: Point, peers: tuple[str, ...], *, rep_ms: float) -> PointResult:
+    dtype = TORCH_DTYPES[point.dtype]
+    shape = (point.batch, point.heads, point.seqlen, point.head_dim)
+    inputs = [torch.randn(shape, dtype=dtype, device="cuda") for _ in range(3)]
+    grad = torch.randn(shape, dtype=dtype, device="cuda")
+    reference = None
+    if point.seqlen <= BWD_CHECK_MAX:
+        leaves = [t.float().requires_grad_() for t in inputs]
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=point.causal).backward(grad.float())
+        reference = leaves[0].grad
+        del leaves
+    result = PointResult(point)
+    for peer in peers:
+        m = Measurement(peer)
+        try:
+            q, k, v = (t.detach().requires_grad_() for t in inputs)
+            fn, ctx = _peer_call(peer, point, q, k, v, None)
+            with ctx:
+                out = fn()
+                out.backward(grad, retain_graph=True)
+                torch.cuda.synchronize()
+                if reference is not None:
+                    m.error = relative_error(q.grad, reference)
+                    if not m.error <= 2e-2:
+                        raise RuntimeError(f"wrong dq: relative error {m.error:.3g}")
+
+                def step() -> None:
+                    q.grad = k.grad = v.grad = None
+                    out.backward(grad, retain_graph=True)
+
+                m.ms = median_ms(step, rep_ms=rep_ms)
             m.tflops = tflops(point.flops, m.ms)
         except Exception as exc:  # a peer that cannot run this point is reported, not fatal
             m.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"

@@ -204,11 +204,13 @@ def _print_sram_model_error(rows: list[dict]) -> None:
               default=("cudnn", "flash", "efficient", "flex"), show_default=True, help="Kernels to compare against.")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
+@click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all measurements as JSON here.")
-def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, json_out) -> None:
-    """Forward TFLOP/s of flashgen against SDPA's backends and compiled FlexAttention (GPU only).
+def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direction, json_out) -> None:
+    """TFLOP/s of flashgen against SDPA's backends and compiled FlexAttention (GPU only).
 
-    Same process, same inputs; every output is checked against a float64 reference before it is timed.
+    Same process, same inputs; outputs (forward) or dQ (backward, seqlen <= 4096) are checked against a
+    reference before they are timed.
     """
     import torch
 
@@ -216,7 +218,8 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, json_o
 
     if not torch.cuda.is_available():
         raise click.UsageError("bench needs a CUDA GPU; `flashgen check` runs without one")
-    grid = b.points(head_dims, seqlens, [c == "on" for c in causal_modes], dtype, tokens=tokens, hidden=hidden)
+    grid = b.points(head_dims, seqlens, [c == "on" for c in causal_modes], dtype, tokens=tokens, hidden=hidden,
+                    backward=direction == "bwd")  # fmt: skip
     all_peers = ("flashgen", *peers)
     results = []
     with console.status("benchmarking") as status:
@@ -224,7 +227,7 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, json_o
             status.update(f"benchmarking {point.label}")
             results.append(b.bench_point(point, all_peers))
             err_console.print(_bench_line(results[-1], all_peers))
-    table = Table(title=f"forward TFLOP/s, {dtype}, {torch.cuda.get_device_name()}")
+    table = Table(title=f"{'backward' if direction == 'bwd' else 'forward'} TFLOP/s, {dtype}, {torch.cuda.get_device_name()}")
     table.add_column("point")
     for peer in all_peers:
         table.add_column(peer)

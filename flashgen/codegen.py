@@ -29,6 +29,7 @@ from flashgen.resources import templates_dir
 from flashgen.spec import KnobTable, TileConfig, Variant, knob_table
 
 FORWARD = "attn_fwd"
+BACKWARD = "attn_bwd"
 
 
 @cache

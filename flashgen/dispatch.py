@@ -6,10 +6,10 @@ shipped caches come in front of the heuristic with the runtime-dispatch work.
 
 from __future__ import annotations
 
-from flashgen.codegen import FORWARD
+from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
 from flashgen.spec import TileConfig, Variant, knob_table
-from flashgen.sram import estimate_shared_bytes, fits, shared_budget
+from flashgen.sram import estimate_backward_shared_bytes, estimate_shared_bytes, fits, shared_budget
 
 # (block_m, block_n, num_warps, num_stages), best first; the first that fits the shared-memory budget wins.
 # A starting point until a tuned entry exists, not a tuned answer.
@@ -42,3 +42,29 @@ def default_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | N
             f"(the smallest, {smallest.key}, needs {estimate_shared_bytes(variant, smallest)})"
         )
     return smallest
+
+
+# Backward (block_m, block_n, num_warps, num_stages): dK/dV keeps two fp32 accumulators of
+# BLOCK_N x D in registers, so wide heads get more warps or smaller tiles.
+_GPU_BACKWARD_PREFERENCE = {
+    64: [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+    128: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+    256: [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+}
+_INTERPRETER_BACKWARD_DEFAULT = (32, 32, 4, 1)
+
+
+def default_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+    """The backward config used when nothing better is known (the backward is not tuned yet)."""
+    table = knob_table(BACKWARD)
+    if device.interpreter:
+        candidates = [_INTERPRETER_BACKWARD_DEFAULT]
+    else:
+        size = next(bound for bound in sorted(_GPU_BACKWARD_PREFERENCE) if variant.head_dim_padded <= bound)
+        candidates = _GPU_BACKWARD_PREFERENCE[size]
+    budget = shared_budget(device, sram_budget)
+    for block_m, block_n, num_warps, num_stages in candidates:
+        config = table.config(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        if budget is None or estimate_backward_shared_bytes(variant, config) <= budget:
+            return config
+    raise ValueError(f"no backward config for {variant.key} fits a shared-memory budget of {budget} bytes")

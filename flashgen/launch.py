@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from flashgen.codegen import FORWARD, kernel_module
+from flashgen.codegen import BACKWARD, FORWARD, kernel_module
 from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
 
 LOG2E = 1.4426950408889634
@@ -108,3 +108,47 @@ def dropout_keep_mask(
     grid = (math.ceil(n_q / config.block_m), heads_q, batch)
     module.dropout_keep_mask[grid](keep, heads_q, n_q, n_k, dropout_p, seed, rng_offset)
     return keep.bool()
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    variant: Variant,
+    config: TileConfig,
+    scale: float,
+    causal_offset: int = 0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    rng_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of the
+    backward template. grad_out and out: (B, Hq, Nq, D), any strides; lse: the forward's, contiguous.
+    Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous, in q's dtype. Deterministic."""
+    batch, heads_q, n_q, head_dim = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    module = kernel_module(BACKWARD, variant, config)
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
+    rows = (math.ceil(n_q / config.block_m), heads_q, batch)
+    module.attn_bwd_preprocess[rows](out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch)
+    common = [heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, scale]
+    if variant.causal:
+        common.append(causal_offset)
+    if variant.dropout:
+        common += [dropout_p, seed, rng_offset]
+    strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
+    module.attn_bwd_dkdv[(math.ceil(n_k / config.block_n), heads_kv, batch)](
+        q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch
+    )
+    module.attn_bwd_dq[rows](q, k, v, grad_out, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
+    return dq, dk, dv

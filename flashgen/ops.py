@@ -7,10 +7,10 @@ from numbers import Real
 
 import torch
 
-from flashgen.codegen import FORWARD
+from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import device_info, interpreter_active
-from flashgen.dispatch import default_config
-from flashgen.launch import attention_forward
+from flashgen.dispatch import default_backward_config, default_config
+from flashgen.launch import attention_backward, attention_forward
 from flashgen.spec import (
     CAUSAL_ALIGNMENTS,
     DTYPE_NAMES,
@@ -71,7 +71,9 @@ def _check_inputs(q: object, k: object, v: object) -> None:
             )
 
 
-def _check_options(causal: object, causal_alignment: object, dropout_p: object, scale: object, config: object) -> None:
+def _check_options(
+    causal: object, causal_alignment: object, dropout_p: object, scale: object, config: object, backward_config: object
+) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if causal_alignment not in CAUSAL_ALIGNMENTS:
@@ -82,14 +84,41 @@ def _check_options(causal: object, causal_alignment: object, dropout_p: object, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
         raise TypeError(f"scale must be None or a finite float, got {scale!r}")
-    if config is not None and not isinstance(config, TileConfig):
-        raise TypeError(f"config must be None or a flashgen.TileConfig, got {type(config).__name__}")
+    for name, value in (("config", config), ("backward_config", backward_config)):
+        if value is not None and not isinstance(value, TileConfig):
+            raise TypeError(f"{name} must be None or a flashgen.TileConfig, got {type(value).__name__}")
 
 
 def draw_dropout_seed() -> int:
     """A Philox seed from torch's default CPU generator, so ``torch.manual_seed`` makes dropout repeat
     (drawn on the CPU: no device synchronisation)."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class _Attention(torch.autograd.Function):
+    """Forward and backward through the generated kernels; the logsumexp is saved, no N x N matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, variant, config, backward_config, scale, offset, dropout_p, seed):
+        out, lse = attention_forward(
+            q, k, v, variant=variant, config=config, scale=scale, causal_offset=offset, dropout_p=dropout_p, seed=seed
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (variant, backward_config, scale, offset, dropout_p, seed)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        variant, backward_config, scale, offset, dropout_p, seed = ctx.params
+        if backward_config is None:
+            backward_config = default_backward_config(variant, device_info(q.device))
+        dq, dk, dv = attention_backward(
+            grad_out, q, k, v, out, lse, variant=variant, config=backward_config, scale=scale,
+            causal_offset=offset, dropout_p=dropout_p, seed=seed,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def attention(
@@ -103,6 +132,7 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     config: TileConfig | None = None,
+    backward_config: TileConfig | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention through a generated FlashAttention kernel.
 
@@ -115,26 +145,23 @@ def attention(
     Returns out (B, Hq, Nq, D), contiguous, in q's dtype; with ``return_lse`` also lse (B, Hq, Nq) float32,
     the natural-log logsumexp of each row's scaled scores (-inf for a row that sees no key).
     config: a tile config of the forward template (``flashgen.knob_table("attn_fwd").config(...)``);
-    default: the heuristic's pick for this device.
+    default: the heuristic's pick for this device. backward_config: likewise for the backward template
+    ("attn_bwd"). Differentiable in q, k and v (not through lse); the gradients are deterministic.
     """
     _check_inputs(q, k, v)
-    _check_options(causal, causal_alignment, dropout_p, scale, config)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise NotImplementedError(
-            "flashgen.attention has no backward pass yet: call it under torch.no_grad() or on detached tensors"
-        )
+    _check_options(causal, causal_alignment, dropout_p, scale, config, backward_config)
     variant = Variant(head_dim=q.shape[3], dtype=DTYPE_NAMES[q.dtype], causal=causal, dropout=dropout_p > 0.0)
     if config is None:
         config = default_config(variant, device_info(q.device))
     else:
         knob_table(FORWARD).validate(config)
-    out, lse = attention_forward(
-        q, k, v,
-        variant=variant,
-        config=config,
-        scale=1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale),
-        causal_offset=causal_offset(causal_alignment, q.shape[2], k.shape[2]) if causal else 0,
-        dropout_p=float(dropout_p),
-        seed=draw_dropout_seed() if dropout_p > 0.0 else 0,
+    if backward_config is not None:
+        knob_table(BACKWARD).validate(backward_config)
+    out, lse = _Attention.apply(
+        q, k, v, variant, config, backward_config,
+        1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale),
+        causal_offset(causal_alignment, q.shape[2], k.shape[2]) if causal else 0,
+        float(dropout_p),
+        draw_dropout_seed() if dropout_p > 0.0 else 0,
     )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -22,6 +22,17 @@ def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
     return q_tile + kv_ring
 
 
+def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:
+    """Estimated shared memory of one program of the dK/dV kernel (the backward's largest), in bytes: the
+    K and V tiles, ``num_stages`` buffers of the Q and dO tiles, and a BLOCK_N x BLOCK_M tile for dS.
+    Not yet compared with compiled kernels on a GPU."""
+    row_bytes = variant.head_dim_padded * variant.element_size
+    kv_tiles = 2 * config.block_n * row_bytes
+    q_do_ring = config.num_stages * 2 * config.block_m * row_bytes
+    ds_tile = config.block_m * config.block_n * variant.element_size
+    return kv_tiles + q_do_ring + ds_tile
+
+
 def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | None:
     """The bytes a program may use: the device's limit, lowered to ``user_budget`` if given (None: no limit)."""
     if user_budget is not None and (isinstance(user_budget, bool) or not isinstance(user_budget, int) or user_budget <= 0):

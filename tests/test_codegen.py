@@ -14,16 +14,17 @@ table = knob_table("attn_fwd")
 # A few variants whose rendered source is kept verbatim: a template change shows up as a reviewable diff.
 # Regenerate after an intended change with FLASHGEN_UPDATE_GOLDEN=1 pytest tests/test_codegen.py
 GOLDEN_CASES = {
-    "d128-fp16-plain": (Variant(128, "fp16"), table.config(block_m=128, block_n=64, num_warps=8, num_stages=3)),
-    "d80-bf16-causal-dropout": (Variant(80, "bf16", causal=True, dropout=True), table.config(block_m=64, block_n=32)),
-    "d64-fp32-causal-nosplit": (Variant(64, "fp32", causal=True), table.config(split_masked=False)),
-}
+    "d128-fp16-plain": ("attn_fwd", Variant(128, "fp16"), table.config(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    "d80-bf16-causal-dropout": ("attn_fwd", Variant(80, "bf16", causal=True, dropout=True), table.config(block_m=64, block_n=32)),
+    "d64-fp32-causal-nosplit": ("attn_fwd", Variant(64, "fp32", causal=True), table.config(split_masked=False)),
+    "bwd-d80-fp16-causal-dropout": ("attn_bwd", Variant(80, "fp16", causal=True, dropout=True), knob_table("attn_bwd").default_config()),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_rendered_source_matches_golden(name):
-    variant, config = GOLDEN_CASES[name]
-    text = codegen.render("attn_fwd", variant, config).text
+    template, variant, config = GOLDEN_CASES[name]
+    text = codegen.render(template, variant, config).text
     path = GOLDEN / f"{name}.py"
     if os.environ.get("FLASHGEN_UPDATE_GOLDEN"):
         path.write_text(text)
@@ -33,11 +34,11 @@ def test_rendered_source_matches_golden(name):
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_rendered_source_is_valid_python_with_a_header(name):
-    variant, config = GOLDEN_CASES[name]
-    source = codegen.render("attn_fwd", variant, config)
+    template, variant, config = GOLDEN_CASES[name]
+    source = codegen.render(template, variant, config)
     ast.parse(source.text)
     header = source.text.splitlines()[:4]
-    assert any(codegen.template_digest("attn_fwd") in line for line in header)
+    assert any(codegen.template_digest(template) in line for line in header)
     assert any(variant.key in line for line in header)
     assert any(config.key in line for line in header)
 

@@ -1,0 +1,118 @@
+"""Gradients of flashgen.attention against float64 autograd through the reference, on the interpreter (CPU)
+and, marked `gpu`, a GPU; tolerance: twice what the same reference shows in the inputs' dtype, plus a floor."""
+
+import pytest
+import torch
+
+import flashgen
+from flashgen.launch import dropout_keep_mask
+from flashgen.ops import draw_dropout_seed
+from flashgen.reference import reference_attention, relative_error, tolerance
+from flashgen.spec import TORCH_DTYPES, Variant, causal_offset, knob_table
+
+from .conftest import DEVICE_DTYPES
+
+# (B, Hq, Hkv, Nq, Nk, D): the issue's head dim 40, Nq 70 vs Nk 90, GQA 2:1; the reverse lengths; a padded
+# head dim with GQA 4:1; equal lengths with a power-of-two head dim.
+SHAPES = [
+    pytest.param((2, 4, 2, 70, 90, 40), id="gqa2-d40-70x90"),
+    pytest.param((1, 2, 1, 90, 70, 64), id="gqa2-d64-90x70"),
+    pytest.param((1, 4, 1, 33, 47, 80), id="gqa4-d80-33x47"),
+    pytest.param((2, 2, 2, 64, 64, 32), id="d32-64x64"),
+]
+CAUSAL = [None, "top_left", "bottom_right"]
+
+
+def _leaf(shape, dtype, device):
+    return torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+
+
+def _reference_grads(q, k, v, grad, compute_dtype, **kwargs):
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    out, _ = reference_attention(*leaves, compute_dtype=compute_dtype, **kwargs)
+    out.backward(grad.to(compute_dtype))
+    return out, [t.grad for t in leaves]
+
+
+def _check(q, k, v, out, grad, **reference_kwargs):
+    ref_out, ref_grads = _reference_grads(q, k, v, grad, torch.float64, **reference_kwargs)
+    _, same_grads = _reference_grads(q, k, v, grad, q.dtype, **reference_kwargs)
+    for name, ours, ref, same in zip("qkv", (q.grad, k.grad, v.grad), ref_grads, same_grads):
+        assert ours.shape == ref.shape and ours.dtype == q.dtype
+        error, limit = relative_error(ours, ref), tolerance(q.dtype, relative_error(same, ref))
+        assert error <= limit, f"d{name}: relative error {error:.3g} > {limit:.3g}"
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", CAUSAL, ids=lambda c: c or "full")
+def test_gradients_match_reference(device, dtype, shape, causal):
+    batch, heads_q, heads_kv, n_q, n_k, head_dim = shape
+    torch_dtype = TORCH_DTYPES[dtype]
+    q = _leaf((batch, heads_q, n_q, head_dim), torch_dtype, device)
+    k, v = (_leaf((batch, heads_kv, n_k, head_dim), torch_dtype, device) for _ in range(2))
+    out = flashgen.attention(q, k, v, causal=causal is not None, causal_alignment=causal or "top_left")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    offset = causal_offset(causal, n_q, n_k) if causal else None
+    _check(q, k, v, out, grad, causal_offset=offset)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_dropout_gradients_use_the_forwards_mask(device, dtype):
+    torch_dtype = TORCH_DTYPES[dtype]
+    q = _leaf((1, 4, 50, 32), torch_dtype, device)
+    k, v = (_leaf((1, 2, 60, 32), torch_dtype, device) for _ in range(2))
+    torch.manual_seed(11)
+    out = flashgen.attention(q, k, v, causal=True, dropout_p=0.3)
+    torch.manual_seed(11)
+    seed = draw_dropout_seed()
+    variant = Variant(32, dtype, causal=True, dropout=True)
+    keep = dropout_keep_mask((1, 4, 50, 60), variant=variant, config=knob_table("attn_fwd").default_config(),
+                             dropout_p=0.3, seed=seed, device=device)  # fmt: skip
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    _check(q, k, v, out, grad, causal_offset=0, dropout_keep=keep, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_gradients_are_deterministic(device, dtype):
+    torch_dtype = TORCH_DTYPES[dtype]
+    q = _leaf((1, 4, 45, 64), torch_dtype, device)
+    k, v = (_leaf((1, 2, 77, 64), torch_dtype, device) for _ in range(2))
+    grad = torch.randn(1, 4, 45, 64, dtype=torch_dtype, device=device)
+    grads = []
+    for _ in range(2):
+        q.grad = k.grad = v.grad = None
+        flashgen.attention(q, k, v, causal=True).backward(grad)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.cpu_interpreter
+def test_a_tiny_model_trains_in_the_interpreter():
+    torch.manual_seed(0)
+    dim, heads = 64, 2
+    qkv, proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+    params = [*qkv.parameters(), *proj.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    x = torch.randn(4, 24, dim)
+    target = torch.roll(x, 1, dims=1)  # a task attention can learn: copy the previous token
+    losses = []
+    for _ in range(12):
+        q, k, v = qkv(x).view(4, 24, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        out = flashgen.attention(q, k, v, causal=True)
+        loss = torch.nn.functional.mse_loss(proj(out.transpose(1, 2).reshape(4, 24, dim)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_lse_is_not_differentiable():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = _leaf((1, 1, 16, 16), torch.float32, device)
+    _, lse = flashgen.attention(q, q, q, return_lse=True)
+    assert not lse.requires_grad
