@@ -116,3 +116,17 @@ def test_lse_is_not_differentiable():
     q = _leaf((1, 1, 16, 16), torch.float32, device)
     _, lse = flashgen.attention(q, q, q, return_lse=True)
     assert not lse.requires_grad
+
+
+@pytest.mark.cpu_interpreter
+def test_training_check_script_agrees_with_sdpa_in_the_interpreter():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "train_check.py"
+    spec = importlib.util.spec_from_file_location("train_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "3", "--tiny"])
+    assert result["max_relative_gap"] < 1e-4  # fp32 in the interpreter: the curves agree to rounding
+    assert all(len(curve) == 3 for curve in result["curves"].values())
