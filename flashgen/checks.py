@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from flashgen.device import DeviceInfo, device_info
-from flashgen.dispatch import default_config
-from flashgen.launch import attention_forward, dropout_keep_mask
+from flashgen.dispatch import default_backward_config, default_config
+from flashgen.launch import attention_backward, attention_forward, dropout_keep_mask
 from flashgen.ops import draw_dropout_seed
-from flashgen.reference import reference_attention, relative_error, tolerance
+from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
 from flashgen.spec import TORCH_DTYPES, TileConfig, Variant, causal_offset
 
 
@@ -55,10 +55,14 @@ class Result:
     tolerance: float
     lse_error: float
     seconds: float
+    # The backward, when checked: the worst of dq, dk, dv by error over its tolerance.
+    grad_error: float | None = None
+    grad_tolerance: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error <= self.tolerance and self.lse_error <= 1e-3
+        grads_ok = self.grad_error is None or self.grad_error <= self.grad_tolerance
+        return self.error <= self.tolerance and self.lse_error <= 1e-3 and grads_ok
 
 
 def random_inputs(case: Case, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +77,9 @@ def random_inputs(case: Case, device: torch.device | str) -> tuple[torch.Tensor,
     return make(case.heads_q, case.n_q), make(case.heads_kv, case.n_k), make(case.heads_kv, case.n_k)
 
 
-def run_case(case: Case, device: torch.device | str, config: TileConfig | None = None) -> Result:
+def run_case(case: Case, device: torch.device | str, config: TileConfig | None = None, *, gradients: bool = False) -> Result:
+    """Run the forward kernel of ``case`` (and with ``gradients`` the backward kernels, with their default
+    config) on fresh inputs and compare with the float64 reference."""
     info: DeviceInfo = device_info(device)
     variant = case.variant
     config = config or default_config(variant, info)
@@ -104,6 +110,18 @@ def run_case(case: Case, device: torch.device | str, config: TileConfig | None =
     lse_error = (lse_cpu[finite.cpu()] - ref_lse.cpu()[finite.cpu()]).abs().max().item() if finite.any() else 0.0
     if not torch.equal(torch.isinf(lse_cpu), ~finite.cpu()):
         lse_error = math.inf  # -inf exactly where the reference has it, nowhere else (NaN included)
+    grad_error = grad_tolerance = None
+    if gradients:
+        grad_out = torch.randn_like(out)
+        ours = attention_backward(
+            grad_out, q, k, v, out, lse, variant=variant, config=default_backward_config(variant, info),
+            scale=1.0 / math.sqrt(case.head_dim), causal_offset=offset or 0, dropout_p=case.dropout_p, seed=seed,
+        )  # fmt: skip
+        options = {"causal_offset": offset, "dropout_keep": keep, "dropout_p": case.dropout_p}
+        exact = reference_gradients(q, k, v, grad_out, **options)
+        plain = reference_gradients(q, k, v, grad_out, compute_dtype=q.dtype, **options)
+        pairs = [(relative_error(o, e), tolerance(q.dtype, relative_error(p, e))) for o, e, p in zip(ours, exact, plain)]
+        grad_error, grad_tolerance = max(pairs, key=lambda pair: pair[0] / pair[1])
     return Result(
         case=case,
         config=config,
@@ -112,6 +130,8 @@ def run_case(case: Case, device: torch.device | str, config: TileConfig | None =
         tolerance=tolerance(q.dtype, torch_error),
         lse_error=lse_error,
         seconds=seconds,
+        grad_error=grad_error,
+        grad_tolerance=grad_tolerance,
     )
 
 

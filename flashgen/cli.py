@@ -65,16 +65,30 @@ def main() -> None:
 @main.command()
 @_variant_options
 @_knob_options
+@click.option("--template", type=click.Choice(["attn_fwd", "attn_bwd"]), default="attn_fwd", show_default=True,
+              help="The forward kernel, or the backward's three kernels.")  # fmt: skip
+@click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
+              help="Set a knob of --template by name (the only way for attn_bwd; its knobs: templates/attn_bwd.toml).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the source here instead of stdout.")
-def generate(head_dim: int, dtype: str, causal: bool, dropout: bool, output: Path | None, **knobs) -> None:
-    """Print the Triton source of the forward kernel for a variant and tile config.
+def generate(head_dim: int, dtype: str, causal: bool, dropout: bool, template: str, knob_items: tuple[str, ...],
+             output: Path | None, **knobs) -> None:  # fmt: skip
+    """Print the Triton source for a variant and tile config.
 
-    Knobs left out take the template's defaults (templates/attn_fwd.toml).
+    Knobs left out take the template's defaults (templates/<template>.toml). The --block-m ... flags set the
+    forward template's knobs; --knob NAME=VALUE sets any template's.
     """
     from flashgen.codegen import render
 
     variant = Variant(head_dim, dtype, causal=causal, dropout=dropout)
-    source = render(FORWARD, variant, _config_from_options(knobs))
+    by_name = {name: values[0] for name, values in _parse_space(knob_items, template, single=True).items()}
+    if template == FORWARD:
+        config = _config_from_options({**knobs, **by_name})
+    else:
+        flags = sorted(name for name, value in knobs.items() if value is not None)
+        if flags:
+            raise click.UsageError(f"--{flags[0].replace('_', '-')} sets a knob of attn_fwd; use --knob for {template}")
+        config = knob_table(template).config(**by_name)
+    source = render(template, variant, config)
     if output:
         output.write_text(source.text)
         err_console.print(f"wrote {output} (sha256 {source.digest[:16]})")
@@ -84,11 +98,13 @@ def generate(head_dim: int, dtype: str, causal: bool, dropout: bool, output: Pat
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def check(as_json: bool) -> None:
+@click.option("--no-backward", is_flag=True, help="Check the forward kernels only.")
+def check(as_json: bool, no_backward: bool) -> None:
     """Run generated kernels on this machine against a float64 reference and print the errors.
 
     Covers padded head dims, ragged and unequal lengths, GQA, strided inputs, both causal alignments and
-    dropout. Exits 1 if any case is outside its tolerance (twice plain torch's error in the same dtype).
+    dropout, forward and (unless --no-backward) gradients. Exits 1 if any case is outside its tolerance
+    (twice plain torch's error in the same dtype).
     """
     from flashgen.checks import default_cases, run_case
     from flashgen.device import default_device, device_info
@@ -103,19 +119,22 @@ def check(as_json: bool) -> None:
     with console.status("checking") as status:
         for case in default_cases(info):
             status.update(f"checking {case.label}")
-            results.append(run_case(case, device))
+            results.append(run_case(case, device, gradients=not no_backward))
     if as_json:
         click.echo(json.dumps([
             {"case": r.case.label, "config": r.config.key, "error": r.error, "torch_error": r.torch_error,
-             "tolerance": r.tolerance, "lse_error": r.lse_error, "ok": r.ok} for r in results
+             "tolerance": r.tolerance, "lse_error": r.lse_error, "grad_error": r.grad_error,
+             "grad_tolerance": r.grad_tolerance, "ok": r.ok} for r in results
         ], indent=2))  # fmt: skip
     else:
         table = Table(title=f"flashgen check on {info.name}")
-        for column in ("case", "config", "rel. error", "torch same dtype", "tolerance", "lse error", "ok"):
+        for column in ("case", "config", "rel. error", "torch same dtype", "tolerance", "lse error", "grad error",
+                       "grad tolerance", "ok"):  # fmt: skip
             table.add_column(column)
         for r in results:
+            grads = (f"{r.grad_error:.2e}", f"{r.grad_tolerance:.2e}") if r.grad_error is not None else ("-", "-")
             table.add_row(r.case.label, r.config.key, f"{r.error:.2e}", f"{r.torch_error:.2e}", f"{r.tolerance:.2e}",
-                          f"{r.lse_error:.1e}", "[green]yes[/]" if r.ok else "[red]NO[/]")  # fmt: skip
+                          f"{r.lse_error:.1e}", *grads, "[green]yes[/]" if r.ok else "[red]NO[/]")  # fmt: skip
         console.print(table)
     failed = [r for r in results if not r.ok]
     if failed:
@@ -276,29 +295,32 @@ def _open_store(db_url: str | None):
         raise click.ClickException(str(exc)) from None
 
 
-def _parse_space(items: tuple[str, ...]) -> dict:
-    """``--space block_m=64,128`` -> {"block_m": [64, 128]}, typed by the knob table."""
-    table = knob_table(FORWARD)
+def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: bool = False) -> dict:
+    """``block_m=64,128`` -> {"block_m": [64, 128]}, typed by the template's knob table (``single``: one
+    value per knob, for --knob)."""
+    table = knob_table(template)
+    hint = "--knob" if single else "--space"
     space: dict = {}
     for item in items:
         name, sep, values = item.partition("=")
-        if not sep or name not in table.names:
-            raise click.BadParameter(f"{item!r}: expected KNOB=V1,V2 with KNOB one of {list(table.names)}", param_hint="--space")
+        if not sep or name not in table.names or (single and "," in values):
+            form = "NAME=VALUE" if single else "KNOB=V1,V2"
+            raise click.BadParameter(f"{item!r}: expected {form} with a knob of {template}: {list(table.names)}", param_hint=hint)
         knob = table[name]
         parsed = []
         for text in values.split(","):
             if isinstance(knob.default, bool):
                 if text.lower() not in ("true", "false", "1", "0"):
-                    raise click.BadParameter(f"{name} takes true or false, got {text!r}", param_hint="--space")
+                    raise click.BadParameter(f"{name} takes true or false, got {text!r}", param_hint=hint)
                 parsed.append(text.lower() in ("true", "1"))
             else:
                 try:
                     parsed.append(type(knob.default)(text))
                 except ValueError:
-                    raise click.BadParameter(f"{name} takes {list(knob.choices)}, got {text!r}", param_hint="--space") from None
+                    raise click.BadParameter(f"{name} takes {list(knob.choices)}, got {text!r}", param_hint=hint) from None
         bad = [v for v in parsed if v not in knob.choices]
         if bad:
-            raise click.BadParameter(f"{name} cannot take {bad}; its choices are {list(knob.choices)}", param_hint="--space")
+            raise click.BadParameter(f"{name} cannot take {bad}; its choices are {list(knob.choices)}", param_hint=hint)
         space[name] = parsed
     return space
 

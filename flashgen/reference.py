@@ -46,6 +46,18 @@ def reference_attention(
     return probs @ v, lse
 
 
+def reference_gradients(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, *, compute_dtype: torch.dtype = torch.float64,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of :func:`reference_attention` (same ``options``) for the output gradient ``grad_out``, by
+    autograd in ``compute_dtype``."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    out, _ = reference_attention(*leaves, compute_dtype=compute_dtype, **options)
+    out.backward(grad_out.to(compute_dtype))
+    return leaves[0].grad, leaves[1].grad, leaves[2].grad
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64 (the absolute error where ‖expected‖ is 0); NaN if any is."""
     actual = actual.detach().to(torch.float64).cpu()

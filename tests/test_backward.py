@@ -7,7 +7,7 @@ import torch
 import flashgen
 from flashgen.launch import dropout_keep_mask
 from flashgen.ops import draw_dropout_seed
-from flashgen.reference import reference_attention, relative_error, tolerance
+from flashgen.reference import reference_gradients, relative_error, tolerance
 from flashgen.spec import TORCH_DTYPES, Variant, causal_offset, knob_table
 
 from .conftest import DEVICE_DTYPES
@@ -27,16 +27,9 @@ def _leaf(shape, dtype, device):
     return torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
 
 
-def _reference_grads(q, k, v, grad, compute_dtype, **kwargs):
-    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
-    out, _ = reference_attention(*leaves, compute_dtype=compute_dtype, **kwargs)
-    out.backward(grad.to(compute_dtype))
-    return out, [t.grad for t in leaves]
-
-
 def _check(q, k, v, out, grad, **reference_kwargs):
-    ref_out, ref_grads = _reference_grads(q, k, v, grad, torch.float64, **reference_kwargs)
-    _, same_grads = _reference_grads(q, k, v, grad, q.dtype, **reference_kwargs)
+    ref_grads = reference_gradients(q, k, v, grad, **reference_kwargs)
+    same_grads = reference_gradients(q, k, v, grad, compute_dtype=q.dtype, **reference_kwargs)
     for name, ours, ref, same in zip("qkv", (q.grad, k.grad, v.grad), ref_grads, same_grads):
         assert ours.shape == ref.shape and ours.dtype == q.dtype
         error, limit = relative_error(ours, ref), tolerance(q.dtype, relative_error(same, ref))

@@ -49,7 +49,7 @@ def test_configs_lists_estimates_and_honours_the_budget(runner, tmp_path):
 
 @pytest.mark.cpu_interpreter
 def test_check_runs_in_the_interpreter_and_passes(runner):
-    result = runner.invoke(main, ["check", "--json"])
+    result = runner.invoke(main, ["check", "--json", "--no-backward"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert rows and all(row["ok"] for row in rows)
@@ -63,3 +63,21 @@ def test_bench_without_a_gpu_says_so(runner):
         pytest.skip("this machine has a GPU")
     result = runner.invoke(main, ["bench"])
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output
+
+
+def test_generate_renders_the_backward_template_with_knobs_by_name(runner):
+    result = runner.invoke(main, ["generate", "--head-dim", "80", "--template", "attn_bwd", "--knob", "block_m=32"])
+    assert result.exit_code == 0, result.output
+    assert "attn_bwd_dkdv" in result.output and "attn_bwd_dq" in result.output and "m32-n64" in result.output
+    mixed = runner.invoke(main, ["generate", "--head-dim", "80", "--template", "attn_bwd", "--block-m", "32"])
+    assert mixed.exit_code == 2 and "use --knob" in mixed.output
+    bad = runner.invoke(main, ["generate", "--head-dim", "80", "--template", "attn_bwd", "--knob", "split_masked=true"])
+    assert bad.exit_code == 2 and "--knob" in bad.output
+
+
+@pytest.mark.cpu_interpreter
+def test_check_reports_gradient_errors(runner):
+    rows = json.loads(runner.invoke(main, ["check", "--json"]).stdout)
+    assert all(row["grad_error"] is not None and row["grad_error"] <= row["grad_tolerance"] for row in rows)
+    forward_only = json.loads(runner.invoke(main, ["check", "--json", "--no-backward"]).stdout)
+    assert all(row["grad_error"] is None for row in forward_only)
