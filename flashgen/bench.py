@@ -128,26 +128,21 @@ def bench_point(point: Point, peers: tuple[str, ...], *, config: TileConfig | No
     q, k, v = (torch.randn(shape, dtype=dtype, device="cuda") for _ in range(3))
     rows = min(CHECK_ROWS, point.seqlen)
     ref, _ = reference_attention(q[:, :, :rows], k, v, causal_offset=0 if point.causal else None)
-    result = PointResult(point)
     variant = Variant(point.head_dim, point.dtype, causal=point.causal)
     used_config = config or default_config(variant, device_info(q.device))
-    for peer in peers:
-        m = Measurement(peer, config=used_config.key if peer == "flashgen" else None)
-        try:
-            fn, ctx = _peer_call(peer, point, q, k, v, used_config)
-            with ctx:
-                out = fn()
-                torch.cuda.synchronize()
-                m.error = relative_error(out[:, :, :rows], ref)
-                if not m.error <= 2e-2:  # also catches NaN
-                    raise RuntimeError(f"wrong result: relative error {m.error:.3g}")
-                m.ms = median_ms(fn, rep_ms=rep_ms)
-            m.tflops = tflops(point.flops, m.ms)
-        except Exception as exc:  # a peer that cannot run this point is reported, not fatal
-            m.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-        result.measurements[peer] = m
-        torch.cuda.empty_cache()
-    return result
+
+    def run(peer: str, m: Measurement) -> None:
+        m.config = used_config.key if peer == "flashgen" else None
+        fn, ctx = _peer_call(peer, point, q, k, v, used_config)
+        with ctx:
+            out = fn()
+            torch.cuda.synchronize()
+            m.error = relative_error(out[:, :, :rows], ref)
+            if not m.error <= 2e-2:  # also catches NaN
+                raise RuntimeError(f"wrong result: relative error {m.error:.3g}")
+            m.ms = median_ms(fn, rep_ms=rep_ms)
+
+    return _measure_peers(point, peers, run)
 
 
 def _bench_backward(point: Point, peers: tuple[str, ...], *, rep_ms: float) -> PointResult:
@@ -164,28 +159,37 @@ def _bench_backward(point: Point, peers: tuple[str, ...], *, rep_ms: float) -> P
             torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=point.causal).backward(grad.float())
         reference = leaves[0].grad
         del leaves
+
+    def run(peer: str, m: Measurement) -> None:
+        q, k, v = (t.detach().requires_grad_() for t in inputs)
+        fn, ctx = _peer_call(peer, point, q, k, v, None)
+        with ctx:
+            out = fn()
+            out.backward(grad, retain_graph=True)
+            torch.cuda.synchronize()
+            if reference is not None:
+                m.error = relative_error(q.grad, reference)
+                if not m.error <= 2e-2:
+                    raise RuntimeError(f"wrong dq: relative error {m.error:.3g}")
+
+            def step() -> None:
+                q.grad = k.grad = v.grad = None
+                out.backward(grad, retain_graph=True)
+
+            m.ms = median_ms(step, rep_ms=rep_ms)
+
+    return _measure_peers(point, peers, run)
+
+
+def _measure_peers(point: Point, peers: tuple[str, ...], run: Callable[[str, Measurement], None]) -> PointResult:
+    """``run`` each peer into its Measurement; a peer that cannot run this point is reported, not fatal."""
     result = PointResult(point)
     for peer in peers:
         m = Measurement(peer)
         try:
-            q, k, v = (t.detach().requires_grad_() for t in inputs)
-            fn, ctx = _peer_call(peer, point, q, k, v, None)
-            with ctx:
-                out = fn()
-                out.backward(grad, retain_graph=True)
-                torch.cuda.synchronize()
-                if reference is not None:
-                    m.error = relative_error(q.grad, reference)
-                    if not m.error <= 2e-2:
-                        raise RuntimeError(f"wrong dq: relative error {m.error:.3g}")
-
-                def step() -> None:
-                    q.grad = k.grad = v.grad = None
-                    out.backward(grad, retain_graph=True)
-
-                m.ms = median_ms(step, rep_ms=rep_ms)
+            run(peer, m)
             m.tflops = tflops(point.flops, m.ms)
-        except Exception as exc:  # a peer that cannot run this point is reported, not fatal
+        except Exception as exc:
             m.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
         result.measurements[peer] = m
         torch.cuda.empty_cache()
