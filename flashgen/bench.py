@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from flashgen.device import device_info
-from flashgen.dispatch import default_config
+from flashgen.defaults import default_config
 from flashgen.ops import attention
 from flashgen.reference import reference_attention, relative_error
 from flashgen.spec import TORCH_DTYPES, TileConfig, Variant

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flashgen.device import DeviceInfo, device_info
-from flashgen.dispatch import default_backward_config, default_config
+from flashgen.defaults import default_backward_config, default_config
 from flashgen.launch import attention_backward, attention_forward, dropout_keep_mask
 from flashgen.ops import draw_dropout_seed
 from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance

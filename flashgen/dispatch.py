@@ -1,73 +1,19 @@
-"""Pick the tile config a call runs with.
+"""Pick the tile configs a call runs with.
 
-For now the pick is the caller's config or the default heuristic below; the tuning database and the
-shipped caches come in front of the heuristic with the runtime-dispatch work.
+For now: the caller's config, else the default heuristic (:mod:`flashgen.defaults`). The tuning database
+and the shipped caches come in front of the heuristic with the runtime-dispatch work.
 """
 
 from __future__ import annotations
 
-from flashgen.codegen import BACKWARD, FORWARD
+from flashgen.defaults import default_backward_config, default_config
 from flashgen.device import DeviceInfo
-from flashgen.spec import TileConfig, Variant, knob_table
-from flashgen.sram import estimate_backward_shared_bytes, estimate_shared_bytes, shared_budget
-
-# (block_m, block_n, num_warps, num_stages), best first; the first that fits the shared-memory budget wins.
-# A starting point until a tuned entry exists, not a tuned answer.
-_GPU_PREFERENCE = {
-    64: [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
-    256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-}
-# The interpreter's cost is per inner-loop step, not per element: large-ish tiles, no pipelining.
-_INTERPRETER_DEFAULT = (64, 32, 4, 1)
+from flashgen.spec import TileConfig, Variant
 
 
-def _first_fitting(template: str, candidates, variant: Variant, device: DeviceInfo, sram_budget: int | None,
-                   estimate) -> TileConfig | None:  # fmt: skip
-    table = knob_table(template)
-    budget = shared_budget(device, sram_budget)
-    for block_m, block_n, num_warps, num_stages in candidates:
-        config = table.config(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-        if budget is None or estimate(variant, config) <= budget:
-            return config
-    return None
+def forward_config(variant: Variant, device: DeviceInfo, requested: TileConfig | None = None) -> TileConfig:
+    return requested if requested is not None else default_config(variant, device)
 
 
-def _candidates(preference: dict, interpreter_default: tuple, variant: Variant, device: DeviceInfo) -> list[tuple]:
-    if device.interpreter:
-        return [interpreter_default]
-    return preference[next(bound for bound in sorted(preference) if variant.head_dim_padded <= bound)]
-
-
-def default_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
-    """The forward config used when nothing better is known for ``variant`` on ``device``."""
-    candidates = _candidates(_GPU_PREFERENCE, _INTERPRETER_DEFAULT, variant, device) + [(16, 16, 4, 1)]
-    config = _first_fitting(FORWARD, candidates, variant, device, sram_budget, estimate_shared_bytes)
-    if config is None:
-        smallest = knob_table(FORWARD).config(block_m=16, block_n=16, num_warps=4, num_stages=1)
-        raise ValueError(
-            f"no forward config for {variant.key} fits a shared-memory budget of {shared_budget(device, sram_budget)} "
-            f"bytes (the smallest, {smallest.key}, needs {estimate_shared_bytes(variant, smallest)})"
-        )
-    return config
-
-
-# Backward (block_m, block_n, num_warps, num_stages): dK/dV keeps two fp32 accumulators of
-# BLOCK_N x D in registers, so wide heads get more warps or smaller tiles.
-_GPU_BACKWARD_PREFERENCE = {
-    64: [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-    128: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-    256: [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-}
-_INTERPRETER_BACKWARD_DEFAULT = (32, 32, 4, 1)
-
-
-def default_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
-    """The backward config used when nothing better is known (the backward is not tuned yet)."""
-    candidates = _candidates(_GPU_BACKWARD_PREFERENCE, _INTERPRETER_BACKWARD_DEFAULT, variant, device)
-    config = _first_fitting(BACKWARD, candidates, variant, device, sram_budget, estimate_backward_shared_bytes)
-    if config is None:
-        raise ValueError(
-            f"no backward config for {variant.key} fits a shared-memory budget of {shared_budget(device, sram_budget)} bytes"
-        )
-    return config
+def backward_config(variant: Variant, device: DeviceInfo, requested: TileConfig | None = None) -> TileConfig:
+    return requested if requested is not None else default_backward_config(variant, device)

@@ -9,7 +9,8 @@ import torch
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import device_info, interpreter_active
-from flashgen.dispatch import default_backward_config, default_config
+from flashgen.dispatch import backward_config as pick_backward_config
+from flashgen.dispatch import forward_config as pick_forward_config
 from flashgen.launch import attention_backward, attention_forward
 from flashgen.spec import (
     CAUSAL_ALIGNMENTS,
@@ -112,8 +113,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         variant, backward_config, scale, offset, dropout_p, seed = ctx.params
-        if backward_config is None:
-            backward_config = default_backward_config(variant, device_info(q.device))
+        backward_config = pick_backward_config(variant, device_info(q.device), backward_config)
         dq, dk, dv = attention_backward(
             grad_out, q, k, v, out, lse, variant=variant, config=backward_config, scale=scale,
             causal_offset=offset, dropout_p=dropout_p, seed=seed,
@@ -151,12 +151,11 @@ def attention(
     _check_inputs(q, k, v)
     _check_options(causal, causal_alignment, dropout_p, scale, config, backward_config)
     variant = Variant(head_dim=q.shape[3], dtype=DTYPE_NAMES[q.dtype], causal=causal, dropout=dropout_p > 0.0)
-    if config is None:
-        config = default_config(variant, device_info(q.device))
-    else:
+    if config is not None:
         knob_table(FORWARD).validate(config)
     if backward_config is not None:
         knob_table(BACKWARD).validate(backward_config)
+    config = pick_forward_config(variant, device_info(q.device), config)
     out, lse = _Attention.apply(
         q, k, v, variant, config, backward_config,
         1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale),

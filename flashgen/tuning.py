@@ -15,7 +15,7 @@ import torch
 from flashgen.codegen import FORWARD, render, template_digest
 from flashgen.db.store import TunedEntry, TuningStore
 from flashgen.device import DeviceInfo, device_info, toolchain
-from flashgen.dispatch import default_config
+from flashgen.defaults import default_config
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import KnobValue
 from flashgen.sram import shared_budget

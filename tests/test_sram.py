@@ -1,7 +1,7 @@
 import pytest
 
 from flashgen.device import INTERPRETER, DeviceInfo
-from flashgen.dispatch import default_config
+from flashgen.defaults import default_config
 from flashgen.spec import Variant, knob_table
 from flashgen.sram import estimate_shared_bytes, fits, prune, shared_budget
 
