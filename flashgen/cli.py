@@ -336,6 +336,8 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True, help="Measured configs per bucket at most.")
 @click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds per bucket at most.")
 @click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True, help="Stop a bucket after this many measured configs without improvement.")
+@click.option("--direction", type=click.Choice(["fwd", "bwd", "both"]), default="fwd", show_default=True,
+              help="Tune the forward kernel, the backward kernels (their own knob table and entries), or both.")  # fmt: skip
 @click.option("--exhaustive", is_flag=True, help="Measure the whole pruned space (how the sampler is judged).")
 @click.option("--space", "space_items", multiple=True, metavar="KNOB=V1,V2", help="Restrict a knob to these values (repeatable).")
 @click.option("--sram-budget", type=click.IntRange(min=1), help="Shared-memory budget in bytes [default: the device's limit].")
@@ -343,8 +345,8 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--compile-workers", type=click.IntRange(min=0), help="Processes compiling candidates ahead [default: up to 8 on a GPU].")
 @_DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, exhaustive,
-         space_items, sram_budget, seed, compile_workers, db_url, as_json) -> None:  # fmt: skip
+def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, direction,
+         exhaustive, space_items, sram_budget, seed, compile_workers, db_url, as_json) -> None:  # fmt: skip
     """Search tile configs for shape buckets on this GPU and store the winners in the tuning database.
 
     Each bucket is tuned by timing its representative shape; every candidate is checked against a float64
@@ -380,12 +382,17 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
         too_big = [b.key for b in buckets if b.n_q * b.n_k * b.batch_heads > 64 * 64 * 64 or "bf16" in b.key]
         if too_big:
             raise click.UsageError(f"too large (or bf16) for the interpreter: {too_big[:3]}...; use --preset tiny or a GPU")
-    options = TuneOptions(
-        budget=Budget(trials=trials, seconds=time_budget, patience=patience), exhaustive=exhaustive, seed=seed,
-        sram_budget=sram_budget, restrict=_parse_space(space_items), compile_workers=compile_workers,
-    )  # fmt: skip
+    from flashgen.spec import BACKWARD
+
+    templates = {"fwd": [FORWARD], "bwd": [BACKWARD], "both": [FORWARD, BACKWARD]}[direction]
+    if space_items and len(templates) > 1:
+        raise click.UsageError("--space names knobs of one template: use it with --direction fwd or bwd")
+    options = [TuneOptions(
+        template=template, budget=Budget(trials=trials, seconds=time_budget, patience=patience), exhaustive=exhaustive,
+        seed=seed, sram_budget=sram_budget, restrict=_parse_space(space_items, template), compile_workers=compile_workers,
+    ) for template in templates]  # fmt: skip
     store = _open_store(db_url)
-    err_console.print(f"Tuning {len(buckets)} bucket(s) on {info.name} into {store.url}")
+    err_console.print(f"Tuning {len(buckets)} bucket(s) x {', '.join(templates)} on {info.name} into {store.url}")
     results = []
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -393,22 +400,26 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
                TimeRemainingColumn(), TextColumn("{task.fields[best]}"))  # fmt: skip
     interrupted = False
     with Progress(*columns, console=err_console, transient=False) as progress:
-        overall = progress.add_task("buckets", total=len(buckets), best="")
-        current = {"task": None}
+        overall = progress.add_task("buckets", total=len(buckets) * len(templates), best="")
+        current = {"task": None, "template": FORWARD}
 
         def on_bucket_start(bucket, space_size):
             if current["task"] is not None:
                 progress.update(current["task"], visible=False)
                 progress.advance(overall)
             total = space_size if exhaustive else min(trials, space_size)
-            current["task"] = progress.add_task(f"{bucket.key} ({space_size} configs)", total=total, best="")
+            label = f"{current['template']} {bucket.key} ({space_size} configs)"
+            current["task"] = progress.add_task(label, total=total, best="")
 
         def on_trial(report):
             best = f"best {report.best_config.key} {report.best_ms:.3f} ms" if report.best_config else "no valid config yet"
             progress.update(current["task"], completed=report.measured, best=best)
 
         try:
-            results = tune_buckets(buckets, store, options, on_bucket_start=on_bucket_start, on_trial=on_trial)
+            for template_options in options:
+                current["template"] = template_options.template
+                results += tune_buckets(buckets, store, template_options, on_bucket_start=on_bucket_start,
+                                        on_trial=on_trial)  # fmt: skip
             progress.advance(overall)
         except KeyboardInterrupt:
             interrupted = True
@@ -422,7 +433,7 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
 
 def _print_tune_summary(results, as_json: bool) -> None:
     rows = [{
-        "bucket": r.bucket.key, "space": r.space_size, "measured": r.measured, "failed": r.failed,
+        "template": r.template, "bucket": r.bucket.key, "space": r.space_size, "measured": r.measured, "failed": r.failed,
         "best_config": r.best_config.key if r.best_config else None,
         "best_ms": r.best.median_ms if r.best else None, "trials_to_best": r.trials_to_best,
         "default_config": r.default_config.key if r.default_config else None,
@@ -435,10 +446,10 @@ def _print_tune_summary(results, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="tuned")
-    for column in ("bucket", "best config", "ms", "measured", "failed", "to best", "seconds", "stopped by"):
+    for column in ("template", "bucket", "best config", "ms", "measured", "failed", "to best", "seconds", "stopped by"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["bucket"], row["best_config"] or "-", f"{row['best_ms']:.4f}" if row["best_ms"] else "-",
+        table.add_row(row["template"], row["bucket"], row["best_config"] or "-", f"{row['best_ms']:.4f}" if row["best_ms"] else "-",
                       f"{row['measured']}/{row['space']}", str(row["failed"]), str(row["trials_to_best"]),
                       f"{row['seconds']:.1f}", row["stopped_by"])  # fmt: skip
     console.print(table)

@@ -26,10 +26,9 @@ import jinja2
 
 from flashgen.device import import_triton
 from flashgen.resources import templates_dir
-from flashgen.spec import KnobTable, TileConfig, Variant, knob_table
+from flashgen.spec import BACKWARD, FORWARD, KnobTable, TileConfig, Variant, knob_table
 
-FORWARD = "attn_fwd"
-BACKWARD = "attn_bwd"
+__all__ = ["BACKWARD", "FORWARD", "KernelSource", "cache_dir", "kernel_module", "load", "render", "template_digest", "write"]
 
 
 @cache

@@ -152,3 +152,32 @@ def attention_backward(
     )
     module.attn_bwd_dq[rows](q, k, v, grad_out, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
     return dq, dk, dv
+
+
+def compile_backward(
+    variant: Variant,
+    config: TileConfig,
+    *,
+    shape: tuple[int, int, int, int, int] | None = None,
+    device: torch.device | str = "cuda",
+) -> None:
+    """Compile (without launching) the three backward kernels into Triton's on-disk cache for launches of
+    ``shape`` (B, Hq, Hkv, Nq, Nk); see :func:`compile_forward` for why the shape matters."""
+    batch, heads_q, heads_kv, n_q, n_k = shape or (1, 1, 1, config.block_m, config.block_n)
+    dtype = TORCH_DTYPES[variant.dtype]
+    q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
+    kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
+    rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
+    module = kernel_module(BACKWARD, variant, config)
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+    module.attn_bwd_preprocess.warmup(q, q, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid, **launch)
+    common = [heads_q, heads_q // heads_kv, n_q, n_k, LOG2E, 1.0]
+    if variant.causal:
+        common.append(0)
+    if variant.dropout:
+        common += [0.5, 0, 0]
+    strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
+    module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), *common,
+                                grid=(math.ceil(n_k / config.block_n), heads_kv, batch), **launch)  # fmt: skip
+    module.attn_bwd_dq.warmup(q, kv, kv, q, q, rows, rows, *strides, *q.stride(), *common, grid=row_grid, **launch)

@@ -35,6 +35,8 @@ _DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 CORE_KNOBS = ("block_m", "block_n", "num_warps", "num_stages")
+FORWARD = "attn_fwd"  # the templates: templates/<name>.py.j2 with its knob table templates/<name>.toml
+BACKWARD = "attn_bwd"
 
 
 def _canonical_json(data: Mapping[str, Any]) -> str:

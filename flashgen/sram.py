@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flashgen.device import DeviceInfo
-from flashgen.spec import TileConfig, Variant
+from flashgen.spec import BACKWARD, FORWARD, TileConfig, Variant
 
 
 def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
@@ -41,8 +41,11 @@ def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | N
     return min(limits) if limits else None
 
 
-def fits(variant: Variant, config: TileConfig, budget: int | None) -> bool:
-    return budget is None or estimate_shared_bytes(variant, config) <= budget
+ESTIMATES = {FORWARD: estimate_shared_bytes, BACKWARD: estimate_backward_shared_bytes}
+
+
+def fits(variant: Variant, config: TileConfig, budget: int | None, template: str = FORWARD) -> bool:
+    return budget is None or ESTIMATES[template](variant, config) <= budget
 
 
 def prune(variant: Variant, configs: Iterable[TileConfig], budget: int | None) -> list[TileConfig]:

@@ -27,12 +27,11 @@ from typing import Protocol
 import optuna
 import torch
 
-from flashgen.codegen import FORWARD
 from flashgen.device import DeviceInfo
-from flashgen.launch import attention_forward
-from flashgen.reference import reference_attention, relative_error, tolerance
+from flashgen.launch import attention_backward, attention_forward
+from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import TORCH_DTYPES, KnobValue, TileConfig, knob_table
+from flashgen.spec import BACKWARD, FORWARD, TORCH_DTYPES, KnobValue, TileConfig, knob_table
 from flashgen.sram import fits
 from flashgen.timing import attention_flops, median_ms
 
@@ -101,6 +100,7 @@ class BucketResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (config key, reason)
     times: dict[str, float] = field(default_factory=dict)  # config key -> median ms, of every correct config
     default_config: TileConfig | None = None  # set by the caller that chose it, for reporting
+    template: str = FORWARD
 
 
 def search_space(
@@ -125,14 +125,14 @@ def search_space(
             continue
         if config.block_m > bucket.n_q or config.block_n > bucket.n_k:
             continue  # a tile longer than the sequence only computes padding
-        if not fits(bucket.variant, config, sram_budget):
+        if not fits(bucket.variant, config, sram_budget, template):
             continue
         space.append(config)
     return space
 
 
-def study_name(device: DeviceInfo, bucket: ShapeBucket, template_digest: str, *, exhaustive: bool) -> str:
-    return f"{device.key}/{FORWARD}/{template_digest}/{bucket.key}/{'exhaustive' if exhaustive else 'search'}"
+def study_name(device: DeviceInfo, bucket: ShapeBucket, template: str, template_digest: str, *, exhaustive: bool) -> str:
+    return f"{device.key}/{template}/{template_digest}/{bucket.key}/{'exhaustive' if exhaustive else 'search'}"
 
 
 def tune_bucket(
@@ -352,13 +352,15 @@ def _neighbours(config: TileConfig, choices: dict[str, list[KnobValue]]) -> list
     return found
 
 
-def _compile_in_worker(variant_dict: dict, config_dict: dict, shape: tuple[int, int, int, int, int]) -> str | None:
-    """Run in a worker process: compile one kernel into Triton's on-disk cache. Returns a failure or None."""
-    from flashgen.launch import compile_forward
-    from flashgen.spec import TileConfig, Variant
+def _compile_in_worker(template: str, variant_dict: dict, config_dict: dict, shape: tuple[int, int, int, int, int]) -> str | None:
+    """Run in a worker process: compile one template's kernels into Triton's on-disk cache. Returns a
+    failure or None."""
+    from flashgen.launch import compile_backward, compile_forward
+    from flashgen.spec import BACKWARD, TileConfig, Variant
 
+    compile_kernels = compile_backward if template == BACKWARD else compile_forward
     try:
-        compile_forward(Variant.from_dict(variant_dict), TileConfig.from_dict(config_dict), shape=shape)
+        compile_kernels(Variant.from_dict(variant_dict), TileConfig.from_dict(config_dict), shape=shape)
     except Exception as exc:  # reported as the trial's failure; the search goes on
         return _failure(exc)
     return None
@@ -372,35 +374,40 @@ def _failure(exc: BaseException) -> str:
 
 
 class KernelEvaluator:
-    """Measures configs of the forward kernel for one bucket on one device (a GPU, or the interpreter).
+    """Measures configs of one template's kernels for one bucket on one device (a GPU, or the interpreter).
 
     Timing inputs are fresh normal tensors at the bucket's representative shape, rotated among enough
     copies that together they exceed twice the L2 cache; each candidate is first checked on new random
     values of the first copy. In the interpreter times are wall clock and mean nothing for a GPU.
+    Subclasses say what is run and how it is checked: :class:`ForwardEvaluator`, :class:`BackwardEvaluator`.
     """
+
+    template = FORWARD
 
     def __init__(self, bucket: ShapeBucket, device: torch.device | str, *, info: DeviceInfo,
                  pool: ProcessPoolExecutor | None = None,
                  timer: Callable[[Callable[[], object]], float] | None = None) -> None:  # fmt: skip
         self.bucket = bucket
+        self.variant = bucket.variant
         self.device = torch.device(device)
         self.info = info
         self.shape = bucket.representative()
         self.timer = timer or (median_ms if not info.interpreter else _wall_ms)
         batch, heads_q, heads_kv, n_q, n_k = self.shape
-        variant = bucket.variant
-        dtype = TORCH_DTYPES[variant.dtype]
-        q_shape, kv_shape = (batch, heads_q, n_q, variant.head_dim), (batch, heads_kv, n_k, variant.head_dim)
-        set_bytes = (2 * math.prod(q_shape) + 2 * math.prod(kv_shape)) * variant.element_size
+        self.dtype = TORCH_DTYPES[self.variant.dtype]
+        self.q_shape = (batch, heads_q, n_q, self.variant.head_dim)
+        self.kv_shape = (batch, heads_kv, n_k, self.variant.head_dim)
+        set_bytes = (2 * math.prod(self.q_shape) + 2 * math.prod(self.kv_shape)) * self.variant.element_size
         l2 = torch.cuda.get_device_properties(self.device).L2_cache_size if self.device.type == "cuda" else 0
         copies = min(16, max(1, math.ceil(2 * l2 / set_bytes)))
         self.inputs = [
-            tuple(torch.randn(s, dtype=dtype, device=self.device) for s in (q_shape, kv_shape, kv_shape))
+            tuple(torch.randn(s, dtype=self.dtype, device=self.device) for s in (self.q_shape, self.kv_shape, self.kv_shape))
             for _ in range(copies)
         ]
-        self.scale = 1.0 / math.sqrt(variant.head_dim)
+        self.scale = 1.0 / math.sqrt(self.variant.head_dim)
         self.causal_offset = 0  # the representative shape is square: both alignments coincide
-        self.flops = attention_flops(batch, heads_q, n_q, n_k, variant.head_dim, causal=variant.causal)
+        self.flops = attention_flops(batch, heads_q, n_q, n_k, self.variant.head_dim, causal=self.variant.causal,
+                                     backward=self.template == BACKWARD)  # fmt: skip
         self._pool = None if info.interpreter else pool
         self._pending: dict[str, Future] = {}
 
@@ -410,47 +417,35 @@ class KernelEvaluator:
         for config in configs:
             if config.key not in self._pending:
                 self._pending[config.key] = self._pool.submit(
-                    _compile_in_worker, self.bucket.variant.to_dict(), config.to_dict(), self.shape
+                    _compile_in_worker, self.template, self.variant.to_dict(), config.to_dict(), self.shape
                 )
 
-    def _run(self, config: TileConfig, q, k, v):
-        return attention_forward(q, k, v, variant=self.bucket.variant, config=config, scale=self.scale,
-                                 causal_offset=self.causal_offset)  # fmt: skip
-
-    def measure(self, config: TileConfig) -> Outcome:
+    def _compile_failure(self, config: TileConfig) -> str | None:
         pending = self._pending.pop(config.key, None)
-        if pending is not None:
-            try:
-                failure = pending.result()
-            except Exception:  # the worker process died: the launch below compiles here instead
-                failure = None
-            if failure:
-                return Outcome(failure=failure)
-        q, k, v = self.inputs[0]
-        for tensor in (q, k, v):
-            tensor.normal_()  # fresh values for the check: the config must be right on any input
+        if pending is None:
+            return None
         try:
-            out, _ = self._run(config, q, k, v)
-        except Exception as exc:
-            return Outcome(failure=_failure(exc))
-        rows = slice(max(0, q.shape[2] - CHECK_ROWS), q.shape[2])
-        offset = self.causal_offset + rows.start if self.bucket.variant.causal else None
-        dtype = TORCH_DTYPES[self.bucket.variant.dtype]
-        ref, _ = reference_attention(q[:, :, rows], k, v, causal_offset=offset)
-        same_dtype, _ = reference_attention(q[:, :, rows], k, v, causal_offset=offset, compute_dtype=dtype)
-        error = relative_error(out[:, :, rows], ref)
-        limit = tolerance(dtype, relative_error(same_dtype, ref))
-        if not error <= limit:  # NaN fails too
-            return Outcome(error=error, failure=f"wrong: relative error {error:.3g} > tolerance {limit:.3g}")
+            return pending.result()
+        except Exception:  # the worker process died: the first launch compiles here instead
+            return None
+
+    def _check_rows(self) -> tuple[slice, int | None]:
+        """The query rows checked against the reference (the last ones: under a causal mask they see every
+        key) and the causal offset that slice needs."""
+        n_q = self.q_shape[2]
+        rows = slice(max(0, n_q - CHECK_ROWS), n_q)
+        return rows, (self.causal_offset + rows.start if self.variant.causal else None)
+
+    def _time(self, config: TileConfig, error: float, run: Callable[[int], object]) -> Outcome:
+        """Median time of ``run(i)`` over the rotating input copies."""
         turn = iter(range(1 << 62))
-
-        def step() -> None:
-            self._run(config, *self.inputs[next(turn) % len(self.inputs)])
-
         try:
-            return Outcome(median_ms=self.timer(step), error=error)
+            return Outcome(median_ms=self.timer(lambda: run(next(turn) % len(self.inputs))), error=error)
         except Exception as exc:
             return Outcome(error=error, failure=_failure(exc))
+
+    def measure(self, config: TileConfig) -> Outcome:
+        raise NotImplementedError
 
     def tflops(self, ms: float) -> float:
         return self.flops / (ms * 1e-3) / 1e12
@@ -459,6 +454,94 @@ class KernelEvaluator:
         for future in self._pending.values():
             future.cancel()
         self._pending.clear()
+
+
+class ForwardEvaluator(KernelEvaluator):
+    """The forward kernel: its output rows checked against the float64 reference, then timed."""
+
+    template = FORWARD
+
+    def _forward(self, config: TileConfig, q, k, v):
+        return attention_forward(q, k, v, variant=self.variant, config=config, scale=self.scale,
+                                 causal_offset=self.causal_offset)  # fmt: skip
+
+    def measure(self, config: TileConfig) -> Outcome:
+        failure = self._compile_failure(config)
+        if failure:
+            return Outcome(failure=failure)
+        q, k, v = self.inputs[0]
+        for tensor in (q, k, v):
+            tensor.normal_()  # fresh values for the check: the config must be right on any input
+        try:
+            out, _ = self._forward(config, q, k, v)
+        except Exception as exc:
+            return Outcome(failure=_failure(exc))
+        rows, offset = self._check_rows()
+        ref, _ = reference_attention(q[:, :, rows], k, v, causal_offset=offset)
+        same_dtype, _ = reference_attention(q[:, :, rows], k, v, causal_offset=offset, compute_dtype=self.dtype)
+        error = relative_error(out[:, :, rows], ref)
+        limit = tolerance(self.dtype, relative_error(same_dtype, ref))
+        if not error <= limit:  # NaN fails too
+            return Outcome(error=error, failure=f"wrong: relative error {error:.3g} > tolerance {limit:.3g}")
+        return self._time(config, error, lambda i: self._forward(config, *self.inputs[i]))
+
+
+class BackwardEvaluator(KernelEvaluator):
+    """The backward kernels. The forward runs once per input copy with the default forward config; each
+    candidate's dQ rows are checked against the float64 reference (rows are independent, so a slice is
+    exact), and its dK and dV, which need every row, against the default backward config's on the same
+    inputs (that config is itself checked against the reference by the tests)."""
+
+    template = BACKWARD
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from flashgen.defaults import default_backward_config, default_config
+
+        self.forward_config = default_config(self.variant, self.info)
+        self.reference_config = default_backward_config(self.variant, self.info)
+        self.grads = [torch.randn(self.q_shape, dtype=self.dtype, device=self.device) for _ in self.inputs]
+        self.saved = [self._forward(*inputs) for inputs in self.inputs]
+
+    def _forward(self, q, k, v):
+        return attention_forward(q, k, v, variant=self.variant, config=self.forward_config, scale=self.scale,
+                                 causal_offset=self.causal_offset)  # fmt: skip
+
+    def _backward(self, config: TileConfig, i: int):
+        (q, k, v), (out, lse) = self.inputs[i], self.saved[i]
+        return attention_backward(self.grads[i], q, k, v, out, lse, variant=self.variant, config=config,
+                                  scale=self.scale, causal_offset=self.causal_offset)  # fmt: skip
+
+    def measure(self, config: TileConfig) -> Outcome:
+        failure = self._compile_failure(config)
+        if failure:
+            return Outcome(failure=failure)
+        for tensor in (*self.inputs[0], self.grads[0]):
+            tensor.normal_()  # fresh values for the check
+        self.saved[0] = self._forward(*self.inputs[0])
+        try:
+            dq, dk, dv = self._backward(config, 0)
+        except Exception as exc:
+            return Outcome(failure=_failure(exc))
+        (q, k, v), grad = self.inputs[0], self.grads[0]
+        rows, offset = self._check_rows()
+        exact = reference_gradients(q[:, :, rows], k, v, grad[:, :, rows], causal_offset=offset)[0]
+        plain = reference_gradients(q[:, :, rows], k, v, grad[:, :, rows], causal_offset=offset, compute_dtype=self.dtype)[0]
+        error = relative_error(dq[:, :, rows], exact)
+        limit = tolerance(self.dtype, relative_error(plain, exact))
+        if not error <= limit:
+            return Outcome(error=error, failure=f"wrong: dq relative error {error:.3g} > tolerance {limit:.3g}")
+        if config != self.reference_config:
+            _, ref_dk, ref_dv = self._backward(self.reference_config, 0)
+            for name, ours, theirs in (("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+                gap = relative_error(ours, theirs)
+                if not gap <= limit:
+                    return Outcome(error=error, failure=f"wrong: {name} differs from the default config's by {gap:.3g}")
+        return self._time(config, error, lambda i: self._backward(config, i))
+
+
+def evaluator_for(template: str, bucket: ShapeBucket, device: torch.device | str, **kwargs) -> KernelEvaluator:
+    return {FORWARD: ForwardEvaluator, BACKWARD: BackwardEvaluator}[template](bucket, device, **kwargs)
 
 
 def compile_pool(workers: int) -> ProcessPoolExecutor | None:

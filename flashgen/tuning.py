@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from flashgen.codegen import FORWARD, render, template_digest
+from flashgen.codegen import BACKWARD, FORWARD, render, template_digest
 from flashgen.db.store import TunedEntry, TuningStore
 from flashgen.device import DeviceInfo, device_info, toolchain
-from flashgen.defaults import default_config
+from flashgen.defaults import default_backward_config, default_config
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import KnobValue
 from flashgen.sram import shared_budget
@@ -25,6 +25,7 @@ from flashgen.tuner import (
     KernelEvaluator,
     TrialReport,
     compile_pool,
+    evaluator_for,
     search_space,
     study_name,
     tune_bucket,
@@ -33,6 +34,7 @@ from flashgen.tuner import (
 
 @dataclass(frozen=True)
 class TuneOptions:
+    template: str = FORWARD  # or BACKWARD: which kernels are tuned
     budget: Budget = Budget()
     exhaustive: bool = False
     seed: int = 0
@@ -47,10 +49,11 @@ def default_compile_workers(info: DeviceInfo) -> int:
 
 def entry_for(result: BucketResult, info: DeviceInfo, evaluator: KernelEvaluator) -> TunedEntry:
     assert result.best_config is not None and result.best is not None
-    source = render(FORWARD, result.bucket.variant, result.best_config)
+    template = evaluator.template
+    source = render(template, result.bucket.variant, result.best_config)
     return TunedEntry(
-        template=FORWARD,
-        template_digest=template_digest(FORWARD),
+        template=template,
+        template_digest=template_digest(template),
         device=info,
         toolchain=toolchain(),
         bucket=result.bucket,
@@ -94,15 +97,17 @@ def tune_buckets(
 
 
 def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool, workers, on_bucket_start, on_trial):
-    space = search_space(bucket, sram_budget=budget_bytes, restrict=options.restrict)
+    template = options.template
+    space = search_space(bucket, sram_budget=budget_bytes, restrict=options.restrict, template=template)
     if on_bucket_start:
         on_bucket_start(bucket, len(space))
-    evaluator = KernelEvaluator(bucket, device, info=info, pool=pool)
+    evaluator = evaluator_for(template, bucket, device, info=info, pool=pool)
     # Start from the default config and what neighbouring buckets of this variant found (other lengths and
     # batch sizes usually share their best tiles): the search then never ends worse than the default.
-    default = default_config(bucket.variant, info, sram_budget=options.sram_budget)
-    neighbours = [e.config for e in store.entries()
-                  if e.device == info and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
+    defaults = default_backward_config if template == BACKWARD else default_config
+    default = defaults(bucket.variant, info, sram_budget=options.sram_budget)
+    neighbours = [e.config for e in store.entries() if e.template == template and e.device == info
+                  and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
     start_with = [] if options.exhaustive else list(dict.fromkeys([default, *neighbours]))
     try:
         result = tune_bucket(
@@ -110,7 +115,7 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
             evaluator,
             space=space,
             storage=storage,
-            name=study_name(info, bucket, template_digest(FORWARD), exhaustive=options.exhaustive),
+            name=study_name(info, bucket, template, template_digest(template), exhaustive=options.exhaustive),
             budget=options.budget,
             exhaustive=options.exhaustive,
             seed=options.seed,
@@ -124,5 +129,5 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     if result.best_config is not None:
         # The final counts (trials, time) replace those written when the best was found.
         store.put(entry_for(result, info, evaluator))
-    result.default_config = default
+    result.default_config, result.template = default, template
     return result

@@ -94,3 +94,24 @@ def test_a_broken_database_is_a_clear_error(tmp_path):
     path.write_bytes(b"garbage" * 1000)
     result = CliRunner().invoke(main, ["list", "--db", f"sqlite:///{path}"])
     assert result.exit_code == 1 and "cannot open tuning database" in result.output and "Traceback" not in result.output
+
+
+def test_backward_tuning_has_its_own_space_entries_and_cache_round_trip(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    runner = CliRunner()
+    result = runner.invoke(main, [*TINY, "--direction", "both", "--trials", "2", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert sorted({row["template"] for row in rows}) == ["attn_bwd", "attn_fwd"] and len(rows) == 4
+    entries = TuningStore(url).entries()
+    backward = [e for e in entries if e.template == "attn_bwd"]
+    assert len(backward) == 2 and all("/attn_bwd/" in e.key and "split_masked" not in e.config.to_dict() for e in backward)
+    exported = tmp_path / "cache.json"
+    assert runner.invoke(main, ["export", str(exported), "--db", url]).exit_code == 0
+    other = f"sqlite:///{tmp_path / 'other.sqlite3'}"
+    assert runner.invoke(main, ["import", str(exported), "--db", other]).exit_code == 0
+    assert {e.key for e in TuningStore(other).entries()} == {e.key for e in entries}
+    shown = runner.invoke(main, ["show", backward[0].key, "--db", url])
+    assert shown.exit_code == 0 and "attn_bwd_dkdv" in shown.stdout
+    mixed = runner.invoke(main, [*TINY, "--direction", "both", "--space", "block_m=32", "--db", url])
+    assert mixed.exit_code == 2 and "--space" in mixed.output

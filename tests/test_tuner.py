@@ -177,3 +177,13 @@ def test_neighbours_move_one_knob_or_block_m_with_num_warps():
         "m64-n64-w8-s3-split_masked=1", "m256-n64-w8-s3-split_masked=1", "m128-n32-w8-s3-split_masked=1",
         "m128-n64-w4-s3-split_masked=1", "m128-n64-w8-s3-split_masked=0", "m64-n64-w4-s3-split_masked=1",
     }  # fmt: skip
+
+
+def test_the_backward_space_comes_from_its_own_knob_table_and_sram_model():
+    from flashgen.sram import estimate_backward_shared_bytes
+
+    space = search_space(BUCKET, sram_budget=60_000, template="attn_bwd")
+    backward_table = knob_table("attn_bwd")
+    assert space and all(set(c.to_dict()) == set(backward_table.names) for c in space)
+    assert all(estimate_backward_shared_bytes(BUCKET.variant, c) <= 60_000 for c in space)
+    assert len(space) < len(list(backward_table.all_configs()))
