@@ -141,17 +141,23 @@ def attention_backward(
     delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
     rows = (math.ceil(n_q / config.block_m), heads_q, batch)
     module.attn_bwd_preprocess[rows](out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch)
-    common = [heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, scale]
-    if variant.causal:
-        common.append(causal_offset)
-    if variant.dropout:
-        common += [dropout_p, seed, rng_offset]
+    common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
     module.attn_bwd_dkdv[(math.ceil(n_k / config.block_n), heads_kv, batch)](
         q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch
     )
     module.attn_bwd_dq[rows](q, k, v, grad_out, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
     return dq, dk, dv
+
+
+def _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset) -> list:
+    """The scalar arguments the dK/dV and dQ kernels take, in their order."""
+    scalars = [heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, scale]
+    if variant.causal:
+        scalars.append(causal_offset)
+    if variant.dropout:
+        scalars += [dropout_p, seed, rng_offset]
+    return scalars
 
 
 def compile_backward(
@@ -172,11 +178,7 @@ def compile_backward(
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
     module.attn_bwd_preprocess.warmup(q, q, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid, **launch)
-    common = [heads_q, heads_q // heads_kv, n_q, n_k, LOG2E, 1.0]
-    if variant.causal:
-        common.append(0)
-    if variant.dropout:
-        common += [0.5, 0, 0]
+    common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
     module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), *common,
                                 grid=(math.ceil(n_k / config.block_n), heads_kv, batch), **launch)  # fmt: skip
