@@ -48,18 +48,22 @@ def attention_forward(
     return out, lse
 
 
+def _variant_scalars(variant: Variant, causal_offset: int, dropout_p: float, seed: int, rng_offset: int) -> list:
+    """The trailing kernel arguments a variant's features add: the causal diagonal, the dropout stream."""
+    scalars: list = [causal_offset] if variant.causal else []
+    if variant.dropout:
+        scalars += [dropout_p, seed, rng_offset]
+    return scalars
+
+
 def _forward_args(q, k, v, out, lse, variant, scale, causal_offset, dropout_p, seed, rng_offset) -> list:
     heads_q, n_q, heads_kv, n_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    args = [
+    return [
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E,
+        *_variant_scalars(variant, causal_offset, dropout_p, seed, rng_offset),
     ]  # fmt: skip
-    if variant.causal:
-        args.append(causal_offset)
-    if variant.dropout:
-        args += [dropout_p, seed, rng_offset]
-    return args
 
 
 def compile_forward(
@@ -152,12 +156,8 @@ def attention_backward(
 
 def _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset) -> list:
     """The scalar arguments the dK/dV and dQ kernels take, in their order."""
-    scalars = [heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, scale]
-    if variant.causal:
-        scalars.append(causal_offset)
-    if variant.dropout:
-        scalars += [dropout_p, seed, rng_offset]
-    return scalars
+    return [heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, scale,
+            *_variant_scalars(variant, causal_offset, dropout_p, seed, rng_offset)]  # fmt: skip
 
 
 def compile_backward(
