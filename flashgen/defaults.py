@@ -4,6 +4,8 @@ search starts. A heuristic over the head dim, filtered by the shared-memory budg
 
 from __future__ import annotations
 
+from functools import cache
+
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
 from flashgen.spec import TileConfig, Variant, knob_table
@@ -37,6 +39,7 @@ def _candidates(preference: dict, interpreter_default: tuple, variant: Variant, 
     return preference[next(bound for bound in sorted(preference) if variant.head_dim_padded <= bound)]
 
 
+@cache  # on every attention call without a config: a dictionary lookup after the first
 def default_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The forward config used when nothing better is known for ``variant`` on ``device``."""
     candidates = _candidates(_GPU_PREFERENCE, _INTERPRETER_DEFAULT, variant, device) + [(16, 16, 4, 1)]
@@ -60,6 +63,7 @@ _GPU_BACKWARD_PREFERENCE = {
 _INTERPRETER_BACKWARD_DEFAULT = (32, 32, 4, 1)
 
 
+@cache
 def default_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The backward config used when nothing better is known (the backward is not tuned yet)."""
     candidates = _candidates(_GPU_BACKWARD_PREFERENCE, _INTERPRETER_BACKWARD_DEFAULT, variant, device)

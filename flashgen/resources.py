@@ -24,8 +24,3 @@ def _find(name: str) -> Path:
 @cache
 def templates_dir() -> Path:
     return _find("templates")
-
-
-@cache
-def tuning_db_dir() -> Path:
-    return _find("tuning_db")

@@ -8,8 +8,6 @@ estimate against what Triton reports for compiled kernels is measured on the GPU
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from flashgen.device import DeviceInfo
 from flashgen.spec import BACKWARD, FORWARD, TileConfig, Variant
 
@@ -46,8 +44,3 @@ ESTIMATES = {FORWARD: estimate_shared_bytes, BACKWARD: estimate_backward_shared_
 
 def fits(variant: Variant, config: TileConfig, budget: int | None, template: str = FORWARD) -> bool:
     return budget is None or ESTIMATES[template](variant, config) <= budget
-
-
-def prune(variant: Variant, configs: Iterable[TileConfig], budget: int | None) -> list[TileConfig]:
-    """The configs whose estimate fits ``budget``, in their given order."""
-    return [config for config in configs if fits(variant, config, budget)]

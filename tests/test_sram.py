@@ -3,7 +3,7 @@ import pytest
 from flashgen.device import INTERPRETER, DeviceInfo
 from flashgen.defaults import default_config
 from flashgen.spec import Variant, knob_table
-from flashgen.sram import estimate_shared_bytes, fits, prune, shared_budget
+from flashgen.sram import estimate_shared_bytes, fits, shared_budget
 
 table = knob_table("attn_fwd")
 H200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 232448, interpreter=False)
@@ -35,16 +35,6 @@ def test_budget_is_the_lower_of_device_and_user():
     assert shared_budget(INTERPRETER, 50_000) == 50_000
     with pytest.raises(ValueError, match="sram budget"):
         shared_budget(H200, 0)
-
-
-def test_prune_keeps_exactly_the_configs_under_budget():
-    variant = Variant(256, "fp32")
-    configs = list(table.all_configs())
-    kept = prune(variant, configs, 100_000)
-    assert kept and len(kept) < len(configs)
-    assert all(estimate_shared_bytes(variant, c) <= 100_000 for c in kept)
-    assert all(estimate_shared_bytes(variant, c) > 100_000 for c in configs if c not in kept)
-    assert prune(variant, configs, None) == configs
 
 
 @pytest.mark.parametrize("variant", [Variant(64, "bf16"), Variant(128, "fp16", causal=True), Variant(256, "fp32"), Variant(192, "bf16")])
