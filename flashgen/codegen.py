@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 import jinja2
+import jinja2.meta
 
 from flashgen.device import import_triton
 from flashgen.resources import templates_dir
@@ -43,13 +44,27 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def _jinja_files(source: str) -> list[str]:
+    """``source`` and every Jinja file it imports or includes, transitively, sorted."""
+    environment, seen, pending = _environment(), set(), [source]
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            parsed = environment.parse((templates_dir() / name).read_text())
+            pending.extend(ref for ref in jinja2.meta.find_referenced_templates(parsed) if ref is not None)
+    return sorted(seen)
+
+
 @cache
 def template_digest(template: str) -> str:
-    """Hash of everything that renders ``template``: its knob table and every Jinja file in templates/."""
+    """Hash of everything that renders ``template``: its knob table, its Jinja source and the Jinja files
+    that source imports (so editing one template leaves the other templates' digests, and the tuned
+    entries checked against them, as they are)."""
     digest = hashlib.sha256()
     folder = templates_dir()
-    for path in [folder / f"{template}.toml", *sorted(folder.glob("*.j2"))]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in [f"{template}.toml", *_jinja_files(knob_table(template).source)]:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 

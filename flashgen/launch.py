@@ -132,25 +132,33 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of the
     backward template. grad_out and out: (B, Hq, Nq, D), any strides; lse: the forward's, contiguous.
-    Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous, in q's dtype. Deterministic."""
+    Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous, in q's dtype. Deterministic unless
+    the config's ``atomic_dq`` knob is set (dQ is then summed with float32 atomic adds in varying order)."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
-    dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty_like(dk)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
-    rows = (math.ceil(n_q / config.block_m), heads_q, batch)
-    module.attn_bwd_preprocess[rows](out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch)
+    module.attn_bwd_preprocess[(math.ceil(n_q / config.block_m), heads_q, batch)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch
+    )
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
-    module.attn_bwd_dkdv[(math.ceil(n_k / config.block_n), heads_kv, batch)](
-        q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch
-    )
-    module.attn_bwd_dq[rows](q, k, v, grad_out, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
+    key_blocks = (math.ceil(n_k / config.block_n), heads_kv, batch)
+    if config["atomic_dq"]:
+        dq_acc = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
+        module.attn_bwd_dkdv[key_blocks](
+            q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
+        )
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
+    module.attn_bwd_dkdv[key_blocks](q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch)
+    query_blocks = (math.ceil(n_q / config.block_n), heads_q, batch)  # the dQ kernel's tiles are swapped
+    module.attn_bwd_dq[query_blocks](q, k, v, grad_out, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
     return dq, dk, dv
 
 
@@ -180,6 +188,12 @@ def compile_backward(
     module.attn_bwd_preprocess.warmup(q, q, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid, **launch)
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
-    module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), *common,
-                                grid=(math.ceil(n_k / config.block_n), heads_kv, batch), **launch)  # fmt: skip
-    module.attn_bwd_dq.warmup(q, kv, kv, q, q, rows, rows, *strides, *q.stride(), *common, grid=row_grid, **launch)
+    key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)
+    if config["atomic_dq"]:
+        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
+        module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), dq_acc, *dq_acc.stride(),
+                                    *common, grid=key_grid, **launch)  # fmt: skip
+        return
+    module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), *common, grid=key_grid, **launch)
+    query_grid = (math.ceil(n_q / config.block_n), heads_q, batch)
+    module.attn_bwd_dq.warmup(q, kv, kv, q, q, rows, rows, *strides, *q.stride(), *common, grid=query_grid, **launch)

@@ -73,10 +73,13 @@ def _check_inputs(q: object, k: object, v: object) -> None:
 
 
 def _check_options(
-    causal: object, causal_alignment: object, dropout_p: object, scale: object, config: object, backward_config: object
-) -> None:
+    causal: object, causal_alignment: object, dropout_p: object, scale: object, config: object, backward_config: object,
+    deterministic: object,
+) -> None:  # fmt: skip
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None or a bool, got {deterministic!r}")
     if causal_alignment not in CAUSAL_ALIGNMENTS:
         raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real):
@@ -100,25 +103,25 @@ class _Attention(torch.autograd.Function):
     """Forward and backward through the generated kernels; the logsumexp is saved, no N x N matrix."""
 
     @staticmethod
-    def forward(ctx, q, k, v, variant, config, backward_config, scale, offset, dropout_p, seed):
+    def forward(ctx, q, k, v, variant, config, backward_config, deterministic, scale, offset, dropout_p, seed):
         out, lse = attention_forward(
             q, k, v, variant=variant, config=config, scale=scale, causal_offset=offset, dropout_p=dropout_p, seed=seed
         )
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = (variant, backward_config, scale, offset, dropout_p, seed)
+        ctx.params = (variant, backward_config, deterministic, scale, offset, dropout_p, seed)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        variant, backward_config, scale, offset, dropout_p, seed = ctx.params
-        backward_config = pick_backward_config(variant, device_info(q.device), backward_config)
+        variant, backward_config, deterministic, scale, offset, dropout_p, seed = ctx.params
+        backward_config = pick_backward_config(variant, device_info(q.device), backward_config, deterministic=deterministic)
         dq, dk, dv = attention_backward(
             grad_out, q, k, v, out, lse, variant=variant, config=backward_config, scale=scale,
             causal_offset=offset, dropout_p=dropout_p, seed=seed,
         )  # fmt: skip
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def attention(
@@ -133,6 +136,7 @@ def attention(
     return_lse: bool = False,
     config: TileConfig | None = None,
     backward_config: TileConfig | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention through a generated FlashAttention kernel.
 
@@ -146,18 +150,27 @@ def attention(
     the natural-log logsumexp of each row's scaled scores (-inf for a row that sees no key).
     config: a tile config of the forward template (``flashgen.knob_table("attn_fwd").config(...)``);
     default: the heuristic's pick for this device. backward_config: likewise for the backward template
-    ("attn_bwd"). Differentiable in q, k and v (not through lse); the gradients are deterministic.
+    ("attn_bwd"). Differentiable in q, k and v (not through lse).
+    deterministic: bit-reproducible gradients (no atomic dQ accumulation, whatever the tuned backward config
+    says); default ``torch.are_deterministic_algorithms_enabled()``.
     """
     _check_inputs(q, k, v)
-    _check_options(causal, causal_alignment, dropout_p, scale, config, backward_config)
+    _check_options(causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     variant = Variant(head_dim=q.shape[3], dtype=DTYPE_NAMES[q.dtype], causal=causal, dropout=dropout_p > 0.0)
     if config is not None:
         knob_table(FORWARD).validate(config)
     if backward_config is not None:
         knob_table(BACKWARD).validate(backward_config)
+        if deterministic and backward_config["atomic_dq"]:
+            raise ValueError(
+                "backward_config has atomic_dq=True, which is not bit-reproducible, but deterministic gradients "
+                "were asked for (deterministic=True or torch.use_deterministic_algorithms(True))"
+            )
     config = pick_forward_config(variant, device_info(q.device), config)
     out, lse = _Attention.apply(
-        q, k, v, variant, config, backward_config,
+        q, k, v, variant, config, backward_config, deterministic,
         1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale),
         causal_offset(causal_alignment, q.shape[2], k.shape[2]) if causal else 0,
         float(dropout_p),

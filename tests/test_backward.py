@@ -123,3 +123,69 @@ def test_training_check_script_agrees_with_sdpa_in_the_interpreter():
     result = module.main(["--steps", "3", "--tiny"])
     assert result["max_relative_gap"] < 1e-4  # fp32 in the interpreter: the curves agree to rounding
     assert all(len(curve) == 3 for curve in result["curves"].values())
+
+
+# Backward configs beyond the interpreter default: the dQ kernel's swapped tiles (block_m != block_n) and
+# dQ accumulated atomically in the dK/dV kernel.
+BACKWARD_CONFIGS = [
+    pytest.param({"block_m": 16, "block_n": 64}, id="m16-n64"),
+    pytest.param({"block_m": 64, "block_n": 16}, id="m64-n16"),
+    pytest.param({"block_m": 32, "block_n": 32, "atomic_dq": True}, id="m32-n32-atomic"),
+    pytest.param({"block_m": 16, "block_n": 32, "atomic_dq": True}, id="m16-n32-atomic"),
+]
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("knobs", BACKWARD_CONFIGS)
+@pytest.mark.parametrize("causal", [None, "bottom_right"], ids=lambda c: c or "full")
+def test_backward_configs_match_reference(device, dtype, knobs, causal):
+    batch, heads_q, heads_kv, n_q, n_k, head_dim = 2, 4, 2, 70, 90, 40
+    torch_dtype = TORCH_DTYPES[dtype]
+    q = _leaf((batch, heads_q, n_q, head_dim), torch_dtype, device)
+    k, v = (_leaf((batch, heads_kv, n_k, head_dim), torch_dtype, device) for _ in range(2))
+    config = knob_table("attn_bwd").config(num_warps=4, num_stages=1, **knobs)
+    out = flashgen.attention(q, k, v, causal=causal is not None, causal_alignment=causal or "top_left",
+                             backward_config=config, deterministic=False)  # fmt: skip
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    _check(q, k, v, out, grad, causal_offset=causal_offset(causal, n_q, n_k) if causal else None)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_atomic_dq_with_dropout_uses_the_forwards_mask(device, dtype):
+    torch_dtype = TORCH_DTYPES[dtype]
+    q = _leaf((1, 4, 50, 32), torch_dtype, device)
+    k, v = (_leaf((1, 2, 60, 32), torch_dtype, device) for _ in range(2))
+    torch.manual_seed(5)
+    config = knob_table("attn_bwd").config(block_m=16, block_n=32, num_warps=4, num_stages=1, atomic_dq=True)
+    out = flashgen.attention(q, k, v, causal=True, dropout_p=0.25, backward_config=config)
+    torch.manual_seed(5)
+    seed = draw_dropout_seed()
+    keep = dropout_keep_mask((1, 4, 50, 60), variant=Variant(32, dtype, causal=True, dropout=True),
+                             config=knob_table("attn_fwd").default_config(), dropout_p=0.25, seed=seed,
+                             device=device)  # fmt: skip
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    _check(q, k, v, out, grad, causal_offset=0, dropout_keep=keep, dropout_p=0.25)
+
+
+def test_deterministic_refuses_an_atomic_backward_config():
+    q = torch.randn(1, 1, 8, 16)
+    config = knob_table("attn_bwd").config(atomic_dq=True)
+    with pytest.raises(ValueError, match="atomic_dq=True.*deterministic"):
+        flashgen.attention(q, q, q, backward_config=config, deterministic=True)
+    with pytest.raises(TypeError, match="deterministic must be None or a bool"):
+        flashgen.attention(q, q, q, deterministic=1)
+
+
+def test_deterministic_switches_a_picked_atomic_config_to_the_dq_kernel(monkeypatch):
+    from flashgen import dispatch
+    from flashgen.device import device_info
+
+    atomic = knob_table("attn_bwd").config(block_m=32, block_n=32, num_warps=4, num_stages=1, atomic_dq=True)
+    monkeypatch.setattr(dispatch, "default_backward_config", lambda variant, device: atomic)
+    variant = Variant(16, "fp32")
+    picked = dispatch.backward_config(variant, device_info(torch.device("cpu")), deterministic=True)
+    assert picked["atomic_dq"] is False
+    assert picked.to_dict() == {**atomic.to_dict(), "atomic_dq": False}
+    assert dispatch.backward_config(variant, device_info(torch.device("cpu")), deterministic=False) == atomic

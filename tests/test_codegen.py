@@ -18,6 +18,7 @@ GOLDEN_CASES = {
     "d80-bf16-causal-dropout": ("attn_fwd", Variant(80, "bf16", causal=True, dropout=True), table.config(block_m=64, block_n=32)),
     "d64-fp32-causal-nosplit": ("attn_fwd", Variant(64, "fp32", causal=True), table.config(split_masked=False)),
     "bwd-d80-fp16-causal-dropout": ("attn_bwd", Variant(80, "fp16", causal=True, dropout=True), knob_table("attn_bwd").default_config()),
+    "bwd-d128-bf16-causal-atomic": ("attn_bwd", Variant(128, "bf16", causal=True), knob_table("attn_bwd").config(block_m=32, block_n=128, atomic_dq=True)),
 }  # fmt: skip
 
 
@@ -98,12 +99,17 @@ def test_template_digest_changes_with_the_template(tmp_path, monkeypatch):
 
     for path in resources.templates_dir().iterdir():
         shutil.copy(path, tmp_path / path.name)
-    before = codegen.template_digest("attn_fwd")
+    before, before_bwd = codegen.template_digest("attn_fwd"), codegen.template_digest("attn_bwd")
     monkeypatch.setattr(resources, "templates_dir", lambda: tmp_path)
     monkeypatch.setattr(codegen, "templates_dir", lambda: tmp_path)
     codegen.template_digest.cache_clear()
     try:
         assert codegen.template_digest("attn_fwd") == before
+        # Another template's edit leaves this one's digest (and the entries tuned against it) alone.
+        (tmp_path / "attn_bwd.py.j2").write_text((tmp_path / "attn_bwd.py.j2").read_text() + "\n# changed\n")
+        codegen.template_digest.cache_clear()
+        assert codegen.template_digest("attn_fwd") == before
+        assert codegen.template_digest("attn_bwd") != before_bwd
         (tmp_path / "attn_macros.j2").write_text((tmp_path / "attn_macros.j2").read_text() + "\n{# changed #}\n")
         codegen.template_digest.cache_clear()
         assert codegen.template_digest("attn_fwd") != before
