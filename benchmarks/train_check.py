@@ -1,12 +1,14 @@
-"""Train a small transformer with flashgen attention and with SDPA from the same initial weights on the same
-random data, and compare the loss curves.
+"""Train a small transformer with flashgen attention, with SDPA and with plain "eager" attention (softmax of
+the scores, written out) from the same initial weights on the same random data, and compare the loss curves.
 
     python benchmarks/train_check.py --steps 300 --json out.json                 # GPU, bf16
     TRITON_INTERPRET=1 python benchmarks/train_check.py --steps 3 --tiny         # CPU, fp32, interpreter
 
-Prints both curves' last losses and the largest gap between them relative to the SDPA loss. On a GPU in
-bf16 the two runs differ by rounding only, so the gap should stay at bf16 noise (a few 1e-3 relative); a
-wrong gradient shows as curves that drift apart or a flashgen curve that does not fall.
+Two correct bf16 runs differ by rounding, and training amplifies rounding: after a hundred-odd steps the
+curves wander apart even between two of PyTorch's own attention implementations. So the eager run is the
+noise floor: the flashgen-vs-SDPA gap is judged against the eager-vs-SDPA gap, both measured on the curves
+smoothed over ``SMOOTH`` steps (mean relative gap, and the largest). A wrong gradient shows as a gap well
+beyond the floor, or a flashgen curve that does not fall.
 """
 
 from __future__ import annotations
@@ -69,6 +71,29 @@ def sdpa_attend(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def eager_attend(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    n_q, n_k = scores.shape[-2:]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+    weights = torch.softmax(scores.float().masked_fill(~causal, float("-inf")), dim=-1).to(q.dtype)
+    return weights @ v
+
+
+SMOOTH = 10
+RUNS = {"sdpa": sdpa_attend, "eager": eager_attend, "flashgen": flashgen_attend}
+
+
+def smoothed(curve: list[float], window: int = SMOOTH) -> list[float]:
+    return [sum(curve[max(0, i - window + 1): i + 1]) / len(curve[max(0, i - window + 1): i + 1]) for i in range(len(curve))]
+
+
+def gaps(curve: list[float], baseline: list[float]) -> dict[str, float]:
+    relative = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(smoothed(curve), smoothed(baseline))]
+    return {"mean": sum(relative) / len(relative), "max": max(relative)}
+
+
 def train(model, attend, data, steps: int, lr: float) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
@@ -103,18 +128,25 @@ def main(argv: list[str] | None = None) -> dict:
     pattern = torch.randint(0, vocab, (64, batch, 16), device=device)
     data = [p.repeat(1, seqlen // 16 + 1)[:, : seqlen + 1] for p in pattern]
     curves = {}
-    for name, attend in (("sdpa", sdpa_attend), ("flashgen", flashgen_attend)):
+    for name, attend in RUNS.items():
         model = copy.deepcopy(base)
         curves[name] = train(model, attend, data, args.steps, lr=1e-3)
-    gaps = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(curves["flashgen"], curves["sdpa"])]
+    ours, noise = gaps(curves["flashgen"], curves["sdpa"]), gaps(curves["eager"], curves["sdpa"])
+    finite = all(math.isfinite(x) for curve in curves.values() for x in curve)
+    # Within noise: flashgen's mean gap to SDPA at most twice eager's (plus a floor for runs so short or so
+    # exact that the noise is ~0), and its curve falls.
+    agrees = finite and ours["mean"] <= 2 * noise["mean"] + 1e-3 and curves["flashgen"][-1] < curves["flashgen"][0]
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
-        "dtype": str(dtype), "steps": args.steps, "curves": curves,
-        "max_relative_gap": max(gaps), "final": {k: v[-1] for k, v in curves.items()},
+        "dtype": str(dtype), "steps": args.steps, "smooth": SMOOTH, "curves": curves,
+        "gap_flashgen_vs_sdpa": ours, "gap_eager_vs_sdpa": noise, "agrees": agrees,
+        "final": {k: v[-1] for k, v in curves.items()},
     }  # fmt: skip
-    finite = all(math.isfinite(x) for curve in curves.values() for x in curve)
-    print(f"{result['device']}, {dtype}, {args.steps} steps: final loss sdpa {curves['sdpa'][-1]:.4f}, "
-          f"flashgen {curves['flashgen'][-1]:.4f}; largest relative gap {max(gaps):.2e}; finite: {finite}")  # fmt: skip
+    print(f"{result['device']}, {dtype}, {args.steps} steps; final loss "
+          + ", ".join(f"{name} {curve[-1]:.4f}" for name, curve in curves.items())
+          + f"\nrelative gap to SDPA of the {SMOOTH}-step smoothed curves, mean / max: flashgen {ours['mean']:.2e} / "
+          f"{ours['max']:.2e}, eager (noise floor) {noise['mean']:.2e} / {noise['max']:.2e}; finite: {finite}; "
+          f"agrees within noise: {agrees}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

@@ -108,6 +108,9 @@ def _peer_call(peer: str, point: Point, q, k, v, config: TileConfig | None) -> t
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         if _flex_compiled is None:
+            # One static compile per shape; the grid has more shapes than dynamo's default recompile limit
+            # (8), past which flex_attention silently runs unfused and its numbers mean nothing.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             _flex_compiled = torch.compile(flex_attention, dynamic=False)
         block_mask = None
         if point.causal:
