@@ -1,6 +1,8 @@
 """flashgen: FlashAttention kernels generated from Jinja templates into Triton, tuned on your GPU."""
 
-from flashgen.ops import attention
+from flashgen.dispatch import FlashgenWarning, reload
+from flashgen.ops import Explanation, UnsupportedError, attention, explain
 from flashgen.spec import KnobTable, TileConfig, Variant, knob_table
 
-__all__ = ["KnobTable", "TileConfig", "Variant", "attention", "knob_table"]
+__all__ = ["Explanation", "FlashgenWarning", "KnobTable", "TileConfig", "UnsupportedError", "Variant", "attention",
+           "explain", "knob_table", "reload"]  # fmt: skip

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from flashgen.device import device_info
-from flashgen.defaults import default_config
-from flashgen.ops import attention
+from flashgen.defaults import default_backward_config, default_config
+from flashgen.ops import attention, explain
 from flashgen.reference import reference_attention, relative_error
 from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
 from flashgen.timing import attention_flops, median_ms, tflops
 
-PEERS = ("flashgen", "cudnn", "flash", "efficient", "flex")
+PEERS = ("flashgen", "default", "cudnn", "flash", "efficient", "flex")  # flashgen: as dispatched; default: its default configs
 CHECK_ROWS = 256  # query rows compared against the float64 reference (the full matrix does not fit at 16k)
 BWD_CHECK_MAX = 4096
 
@@ -97,9 +97,18 @@ def _sdpa_backend(name: str) -> Iterator[None]:
 _flex_compiled: Callable | None = None
 
 
-def _peer_call(peer: str, point: Point, q, k, v, config: TileConfig | None) -> tuple[Callable[[], torch.Tensor], contextlib.AbstractContextManager]:
+def _defaults(point: Point, device) -> tuple[TileConfig, TileConfig]:
+    variant = Variant(point.head_dim, point.dtype, causal=point.causal)
+    info = device_info(device)
+    return default_config(variant, info), default_backward_config(variant, info)
+
+
+def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Tensor], contextlib.AbstractContextManager]:
     if peer == "flashgen":
-        return (lambda: attention(q, k, v, causal=point.causal, config=config)), contextlib.nullcontext()
+        return (lambda: attention(q, k, v, causal=point.causal)), contextlib.nullcontext()
+    if peer == "default":
+        forward, backward = _defaults(point, q.device)
+        return (lambda: attention(q, k, v, causal=point.causal, config=forward, backward_config=backward)), contextlib.nullcontext()
     if peer in ("cudnn", "flash", "efficient"):
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return (lambda: sdpa(q, k, v, is_causal=point.causal)), _sdpa_backend(peer)
@@ -122,7 +131,19 @@ def _peer_call(peer: str, point: Point, q, k, v, config: TileConfig | None) -> t
     raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")
 
 
-def bench_point(point: Point, peers: tuple[str, ...], *, config: TileConfig | None = None, rep_ms: float = 100) -> PointResult:
+def _config_label(peer: str, point: Point, q: torch.Tensor) -> str | None:
+    """The configs flashgen runs for this point (and, as dispatched, whether they are tuned)."""
+    if peer == "default":
+        forward, backward = _defaults(point, q.device)
+        return forward.key if not point.backward else backward.key
+    if peer == "flashgen":
+        why = explain(q, q, q, causal=point.causal)
+        choice = why.backward if point.backward else why.forward
+        return f"{choice.config.key} ({choice.kind})"
+    return None
+
+
+def bench_point(point: Point, peers: tuple[str, ...], *, rep_ms: float = 100) -> PointResult:
     """Check, then time, each peer on one set of fresh random inputs."""
     if point.backward:
         return _bench_backward(point, peers, rep_ms=rep_ms)
@@ -131,12 +152,10 @@ def bench_point(point: Point, peers: tuple[str, ...], *, config: TileConfig | No
     q, k, v = (torch.randn(shape, dtype=dtype, device="cuda") for _ in range(3))
     rows = min(CHECK_ROWS, point.seqlen)
     ref, _ = reference_attention(q[:, :, :rows], k, v, causal_offset=0 if point.causal else None)
-    variant = Variant(point.head_dim, point.dtype, causal=point.causal)
-    used_config = config or default_config(variant, device_info(q.device))
 
     def run(peer: str, m: Measurement) -> None:
-        m.config = used_config.key if peer == "flashgen" else None
-        fn, ctx = _peer_call(peer, point, q, k, v, used_config)
+        m.config = _config_label(peer, point, q)
+        fn, ctx = _peer_call(peer, point, q, k, v)
         with ctx:
             out = fn()
             torch.cuda.synchronize()
@@ -165,7 +184,8 @@ def _bench_backward(point: Point, peers: tuple[str, ...], *, rep_ms: float) -> P
 
     def run(peer: str, m: Measurement) -> None:
         q, k, v = (t.detach().requires_grad_() for t in inputs)
-        fn, ctx = _peer_call(peer, point, q, k, v, None)
+        m.config = _config_label(peer, point, q)
+        fn, ctx = _peer_call(peer, point, q, k, v)
         with ctx:
             out = fn()
             out.backward(grad, retain_graph=True)
@@ -199,8 +219,8 @@ def _measure_peers(point: Point, peers: tuple[str, ...], run: Callable[[str, Mea
     return result
 
 
-def ratio(result: PointResult, peer: str) -> float | None:
-    ours, theirs = result.measurements.get("flashgen"), result.measurements.get(peer)
+def ratio(result: PointResult, peer: str, ours: str = "flashgen") -> float | None:
+    ours, theirs = result.measurements.get(ours), result.measurements.get(peer)
     if not ours or not theirs or ours.tflops is None or theirs.tflops is None:
         return None
     return ours.tflops / theirs.tflops
@@ -209,3 +229,101 @@ def ratio(result: PointResult, peer: str) -> float | None:
 def geometric_mean(values: list[float]) -> float | None:
     values = [v for v in values if v and v > 0]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+@dataclass(frozen=True)
+class OverheadPoint:
+    """A tiny shape, where a call's cost is host work and launch, not arithmetic."""
+
+    batch: int = 1
+    heads: int = 8
+    seqlen: int = 128
+    head_dim: int = 64
+    causal: bool = False
+    dtype: str = "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"B{self.batch} H{self.heads} N{self.seqlen} d{self.head_dim}{' causal' if self.causal else ''} {self.dtype}"
+
+
+def _direct_launch(q, k, v, causal: bool) -> Callable[[], torch.Tensor]:
+    """What a hand-written wrapper around flashgen's generated kernel does per call: allocate the outputs,
+    pass strides, launch (the kernel and its config resolved once, beforehand)."""
+    from flashgen.codegen import kernel_module
+    from flashgen.launch import LOG2E
+    from flashgen.spec import FORWARD
+
+    why = explain(q, k, v, causal=causal)
+    config, variant = why.forward.config, why.forward.bucket.variant
+    kernel = kernel_module(FORWARD, variant, config).attn_fwd
+    batch, heads, n, _ = q.shape
+    grid = (math.ceil(n / config.block_m), heads, batch)
+    scale = LOG2E / math.sqrt(q.shape[3])
+    extra = [0] if causal else []
+
+    def call() -> torch.Tensor:
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, 1, n, n, scale,
+                     *extra, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+        return out
+
+    return call
+
+
+def _per_call_us(fn: Callable[[], object], calls: int, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the wall time of ``calls`` back-to-back calls, per call, in microseconds."""
+    import time
+
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(samples)[len(samples) // 2]
+
+
+def _graph_replay_matches(fn: Callable[[], torch.Tensor]) -> bool:
+    """Capture ``fn`` in a CUDA graph, replay it, and compare with an eager call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm up off the default stream, as capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return bool(torch.equal(captured, fn()))
+
+
+def measure_overhead(points: list[OverheadPoint], *, calls: int = 2000) -> list[dict]:
+    """Per-call time of flashgen.attention (as dispatched) against a direct launch of the same generated
+    kernel and against SDPA's backends, on tiny shapes; and whether the call replays in a CUDA graph."""
+    rows = []
+    for point in points:
+        shape = (point.batch, point.heads, point.seqlen, point.head_dim)
+        q, k, v = (torch.randn(shape, dtype=TORCH_DTYPES[point.dtype], device="cuda") for _ in range(3))
+        flashgen_call = lambda: attention(q, k, v, causal=point.causal)  # noqa: E731
+        row = {"point": point.label, "config": explain(q, k, v, causal=point.causal).forward.describe()}
+        row["direct_us"] = _per_call_us(_direct_launch(q, k, v, point.causal), calls)
+        row["flashgen_us"] = _per_call_us(flashgen_call, calls)
+        for peer in ("cudnn", "flash", "efficient"):
+            fn, ctx = _peer_call(peer, Point(point.head_dim, point.causal, point.seqlen, point.dtype), q, k, v)
+            try:
+                with ctx:
+                    row[f"{peer}_us"] = _per_call_us(fn, calls)
+            except Exception as exc:
+                row[f"{peer}_us"] = None
+                row[f"{peer}_failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        row["overhead_vs_direct"] = row["flashgen_us"] / row["direct_us"]
+        row["cuda_graph_replay_matches"] = _graph_replay_matches(flashgen_call)
+        rows.append(row)
+    return rows

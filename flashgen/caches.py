@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flashgen.codegen import render, template_digest
-from flashgen.db.store import TunedEntry
+from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import TileConfig, knob_table

@@ -219,17 +219,20 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--seqlen", "seqlens", type=click.IntRange(min=1), multiple=True, default=(1024, 4096, 16384), show_default=True)
 @click.option("--causal", "causal_modes", type=click.Choice(["off", "on"]), multiple=True, default=("off", "on"), show_default=True)
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="bf16", show_default=True)
-@click.option("--peer", "peers", type=click.Choice(["cudnn", "flash", "efficient", "flex"]), multiple=True,
-              default=("cudnn", "flash", "efficient", "flex"), show_default=True, help="Kernels to compare against.")  # fmt: skip
+@click.option("--peer", "peers", type=click.Choice(["default", "cudnn", "flash", "efficient", "flex"]), multiple=True,
+              default=("default", "cudnn", "flash", "efficient", "flex"), show_default=True,
+              help="Kernels to compare against (default: flashgen with its default configs instead of dispatch's).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
+@click.option("--overhead", is_flag=True, help="Instead of the grid: per-call time on tiny shapes against a direct launch of the same kernel and SDPA, and CUDA-graph replay.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all measurements as JSON here.")
-def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direction, json_out) -> None:
-    """TFLOP/s of flashgen against SDPA's backends and compiled FlexAttention (GPU only).
+def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direction, overhead, json_out) -> None:
+    """TFLOP/s of flashgen (as dispatched) against its default configs, SDPA's backends and compiled
+    FlexAttention (GPU only).
 
     Same process, same inputs; outputs (forward) or dQ (backward, seqlen <= 4096) are checked against a
-    reference before they are timed.
+    reference before they are timed. The flashgen column says which config dispatch picked and why.
     """
     import torch
 
@@ -237,6 +240,9 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
 
     if not torch.cuda.is_available():
         raise click.UsageError("bench needs a CUDA GPU; `flashgen check` runs without one")
+    if overhead:
+        _bench_overhead(dtype, json_out)
+        return
     grid = b.points(head_dims, seqlens, [c == "on" for c in causal_modes], dtype, tokens=tokens, hidden=hidden,
                     backward=direction == "bwd")  # fmt: skip
     all_peers = ("flashgen", *peers)
@@ -252,10 +258,11 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
         table.add_column(peer)
     for peer in peers:
         table.add_column(f"x {peer}")
+    table.add_column("flashgen config")
     for r in results:
         cells = [_tflops_cell(r.measurements[p]) for p in all_peers]
         ratios = [b.ratio(r, p) for p in peers]
-        table.add_row(r.point.label, *cells, *(f"{x:.2f}" if x else "-" for x in ratios))
+        table.add_row(r.point.label, *cells, *(f"{x:.2f}" if x else "-" for x in ratios), r.measurements["flashgen"].config or "-")
     console.print(table)
     for peer in peers:
         mean = b.geometric_mean([b.ratio(r, peer) for r in results])
@@ -263,6 +270,26 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
             console.print(f"flashgen / {peer}: geometric mean {mean:.2f}x")
     if json_out:
         json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+
+
+def _bench_overhead(dtype: str, json_out: Path | None) -> None:
+    import torch
+
+    from flashgen import bench as b
+
+    points = [b.OverheadPoint(dtype=dtype, causal=causal, seqlen=n) for n in (128, 512) for causal in (False, True)]
+    rows = b.measure_overhead(points)
+    table = Table(title=f"per-call time, microseconds, {torch.cuda.get_device_name()}")
+    for column in ("point", "direct launch", "flashgen", "x direct", "cudnn", "flash", "efficient", "graph replay"):
+        table.add_column(column)
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["point"], fmt(r["direct_us"]), fmt(r["flashgen_us"]), f"{r['overhead_vs_direct']:.3f}",
+                      fmt(r["cudnn_us"]), fmt(r["flash_us"]), fmt(r["efficient_us"]),
+                      "ok" if r["cuda_graph_replay_matches"] else "MISMATCH")  # fmt: skip
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2))
 
 
 def _tflops_cell(m) -> str:
@@ -423,12 +450,27 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
             progress.advance(overall)
         except KeyboardInterrupt:
             interrupted = True
-        except StoreError as exc:
-            raise click.ClickException(f"{exc} (what was stored before this error is kept)") from None
+        except Exception as exc:
+            # Ctrl-C in the middle of a database commit reaches us wrapped in the storage layer's error.
+            if not _caused_by_interrupt(exc):
+                if isinstance(exc, StoreError):
+                    raise click.ClickException(f"{exc} (what was stored before this error is kept)") from None
+                raise
+            interrupted = True
     if interrupted:
         err_console.print("[yellow]Interrupted: every config measured so far is stored; run the same command to continue.[/]")
         sys.exit(130)
     _print_tune_summary(results, as_json)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _print_tune_summary(results, as_json: bool) -> None:

@@ -26,14 +26,19 @@ def import_triton() -> ModuleType:
     return triton
 
 
-@cache
+_interpreter: bool | None = None  # a module global, not functools.cache: torch.compile traces a global read
+
+
 def interpreter_active() -> bool:
     """True when this process's Triton runs kernels in its CPU interpreter."""
-    import_triton()
-    from triton.language import random
-    from triton.runtime.interpreter import InterpretedFunction
+    global _interpreter
+    if _interpreter is None:
+        import_triton()
+        from triton.language import random
+        from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(random.philox, InterpretedFunction)
+        _interpreter = isinstance(random.philox, InterpretedFunction)
+    return _interpreter
 
 
 @dataclass(frozen=True)

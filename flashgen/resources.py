@@ -6,6 +6,7 @@ and an editable install keep them at the top of the repository, beside the packa
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -24,3 +25,22 @@ def _find(name: str) -> Path:
 @cache
 def templates_dir() -> Path:
     return _find("templates")
+
+
+@cache
+def tuning_db_dir() -> Path:
+    """The shipped pretuned caches (``tuning_db/*.json``)."""
+    return _find("tuning_db")
+
+
+def default_database_url(*, create_folder: bool = False) -> str:
+    """``FLASHGEN_DB`` if set, else an SQLite file in the user data directory."""
+    configured = os.environ.get("FLASHGEN_DB")
+    if configured:
+        return configured
+    import platformdirs
+
+    folder = Path(platformdirs.user_data_dir("flashgen"))
+    if create_folder:
+        folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'tuning.sqlite3'}"

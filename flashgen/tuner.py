@@ -551,7 +551,15 @@ def compile_pool(workers: int) -> ProcessPoolExecutor | None:
         return None
     import multiprocessing
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C (or `timeout -s INT`) reaches the whole process group: the tuner stops its workers itself, and
+    # workers dying of KeyboardInterrupt would only print a traceback each.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _wall_ms(fn: Callable[[], object], repeats: int = 3) -> float:

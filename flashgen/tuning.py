@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from flashgen.codegen import BACKWARD, FORWARD, render, template_digest
-from flashgen.db.store import TunedEntry, TuningStore
+from flashgen.db.store import TuningStore
+from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo, device_info, toolchain
 from flashgen.defaults import default_backward_config, default_config
 from flashgen.shapes import ShapeBucket

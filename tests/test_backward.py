@@ -183,11 +183,14 @@ def test_deterministic_refuses_an_atomic_backward_config():
 def test_deterministic_switches_a_picked_atomic_config_to_the_dq_kernel(monkeypatch):
     from flashgen import dispatch
     from flashgen.device import device_info
+    from flashgen.shapes import ShapeBucket
 
     atomic = knob_table("attn_bwd").config(block_m=32, block_n=32, num_warps=4, num_stages=1, atomic_dq=True)
     monkeypatch.setattr(dispatch, "default_backward_config", lambda variant, device: atomic)
-    variant = Variant(16, "fp32")
-    picked = dispatch.backward_config(variant, device_info(torch.device("cpu")), deterministic=True)
+    monkeypatch.setattr(dispatch, "_choices", {})
+    bucket = ShapeBucket.of(Variant(16, "fp32"), batch=1, heads_q=1, heads_kv=1, n_q=16, n_k=16)
+    cpu = device_info(torch.device("cpu"))
+    picked = dispatch.backward_choice(bucket, cpu, deterministic=True).config
     assert picked["atomic_dq"] is False
     assert picked.to_dict() == {**atomic.to_dict(), "atomic_dq": False}
-    assert dispatch.backward_config(variant, device_info(torch.device("cpu")), deterministic=False) == atomic
+    assert dispatch.backward_choice(bucket, cpu, deterministic=False).config == atomic

@@ -4,7 +4,7 @@ import pytest
 
 from flashgen.caches import MAX_BYTES, CacheError, dumps, entry_to_dict, loads, read
 from flashgen.codegen import render, template_digest
-from flashgen.db.store import TunedEntry
+from flashgen.entries import TunedEntry
 
 from .test_store import make_entry
 

@@ -11,13 +11,9 @@ database is executed; kernels are always regenerated from flashgen's templates.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, inspect, select
@@ -28,6 +24,8 @@ from sqlalchemy.pool import StaticPool
 
 from flashgen.db.models import Base, Meta, TunedConfigRow
 from flashgen.device import DeviceInfo
+from flashgen.entries import TunedEntry
+from flashgen.resources import default_database_url
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import TileConfig
 
@@ -44,46 +42,8 @@ class StoreError(RuntimeError):
 
 
 def default_url() -> str:
-    """``FLASHGEN_DB`` if set, else an SQLite file in the user data directory."""
-    configured = os.environ.get("FLASHGEN_DB")
-    if configured:
-        return configured
-    import platformdirs
-
-    folder = Path(platformdirs.user_data_dir("flashgen"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'tuning.sqlite3'}"
-
-
-@dataclass(frozen=True)
-class TunedEntry:
-    """One tuned winner: where it was measured, what it is, how fast and how right it was."""
-
-    template: str
-    template_digest: str
-    device: DeviceInfo
-    toolchain: dict[str, str]  # flashgen, triton, torch, cuda versions
-    bucket: ShapeBucket
-    config: TileConfig
-    median_ms: float
-    tflops: float
-    error: float  # relative error against the float64 reference on the check inputs
-    trials: int
-    trials_to_best: int
-    tuning_seconds: float
-    source_sha256: str
-    source_text: str = field(default="", repr=False)
-    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(tzinfo=None))
-    id: int | None = None
-
-    @property
-    def key(self) -> str:
-        """``<device>/<template>/<bucket>``: what dispatch looks an entry up by."""
-        return f"{self.device.key}/{self.template}/{self.bucket.key}"
-
-    def is_stale(self, template_digest: str, triton_version: str) -> bool:
-        """Made by other templates or another Triton than these: reported, never used."""
-        return self.template_digest != template_digest or self.toolchain.get("triton") != triton_version
+    """``FLASHGEN_DB`` if set, else an SQLite file in the user data directory (whose folder is created)."""
+    return default_database_url(create_folder=True)
 
 
 def _row_from_entry(entry: TunedEntry) -> TunedConfigRow:
@@ -144,32 +104,41 @@ def _entry_from_row(row: TunedConfigRow) -> TunedEntry:
     )
 
 
-def _set_sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_ms: int, readonly: bool):
+    def set_pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        if not readonly:  # switching to WAL writes to the file
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    return set_pragmas
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, busy_timeout_ms: int, readonly: bool) -> Engine:
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
-        kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": busy_timeout_ms / 1000}}
         if in_memory:  # one shared connection, or every connection would see its own empty database
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
         engine = create_engine(url, **kwargs)
-        event.listen(engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, readonly))
         return engine
     return create_engine(url, pool_pre_ping=True)
 
 
 class TuningStore:
-    """flashgen's tables in the database at ``url`` (default: :func:`default_url`)."""
+    """flashgen's tables in the database at ``url`` (default: :func:`default_url`).
 
-    def __init__(self, url: str | None = None) -> None:
+    readonly: never create or migrate tables (a database without flashgen's tables is a StoreError); what
+    dispatch uses, with a short ``busy_timeout_ms`` so that a locked database delays a model by at most that.
+    """
+
+    def __init__(self, url: str | None = None, *, readonly: bool = False, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
         self.url = url or default_url()
+        self.readonly = readonly
         try:
-            self.engine = _make_engine(self.url)
+            self.engine = _make_engine(self.url, busy_timeout_ms, readonly)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
             raise StoreError(f"cannot open tuning database {self.url!r}: {exc}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -196,6 +165,8 @@ class TuningStore:
             has_meta = inspect(self.engine).has_table(Meta.__tablename__)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot open tuning database {self.url!r}: {str(exc).splitlines()[0]}") from exc
+        if not has_meta and self.readonly:
+            raise StoreError(f"{self.url!r} has no flashgen tables (not a flashgen tuning database, or an empty one)")
         if not has_meta:
             try:
                 Base.metadata.create_all(self.engine)
@@ -203,6 +174,8 @@ class TuningStore:
                 raise StoreError(f"cannot create tables in {self.url!r}: {str(exc).splitlines()[0]}") from exc
         with self.session() as session:
             meta = session.get(Meta, "schema_version")
+            if meta is None and self.readonly:
+                raise StoreError(f"{self.url!r} has no schema version: not a flashgen tuning database")
             if meta is None:
                 session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                 return
@@ -215,6 +188,8 @@ class TuningStore:
                     f"{self.url!r} has schema version {version}, newer than this flashgen's ({SCHEMA_VERSION}): "
                     "upgrade flashgen or use another database"
                 )
+            if version < SCHEMA_VERSION and self.readonly:
+                raise StoreError(f"{self.url!r} has schema version {version}: run any flashgen command on it to migrate")
             while version < SCHEMA_VERSION:
                 MIGRATIONS[version](session)
                 version += 1

@@ -1,0 +1,1 @@
+"""Adapters that let other libraries' models run flashgen attention (each imports its library lazily)."""
