@@ -252,6 +252,8 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
             status.update(f"benchmarking {point.label}")
             results.append(b.bench_point(point, all_peers))
             err_console.print(_bench_line(results[-1], all_peers))
+            if json_out:  # after every point, so an interrupted run keeps what it measured
+                json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2))
     table = Table(title=f"{'backward' if direction == 'bwd' else 'forward'} TFLOP/s, {dtype}, {torch.cuda.get_device_name()}")
     table.add_column("point")
     for peer in all_peers:
