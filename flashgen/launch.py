@@ -13,6 +13,44 @@ from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
 LOG2E = 1.4426950408889634
 
 
+class ForwardLaunch:
+    """The forward kernel of ``variant`` and ``config`` bound to one call signature: q (B, Hq, Nq, D), k and v
+    (B, Hkv, Nk, D). Made once per signature (kernel lookup, grid), then called per call: it allocates the
+    outputs and launches, nothing more."""
+
+    def __init__(self, variant: Variant, config: TileConfig, q_shape, k_shape, causal_offset: int = 0) -> None:
+        batch, heads_q, n_q, _ = q_shape
+        heads_kv, n_k = k_shape[1], k_shape[2]
+        self.kernel = kernel_module(FORWARD, variant, config).attn_fwd
+        self.grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+        self.launcher = self.kernel[self.grid]  # Triton makes this closure on every `kernel[grid]`: once here
+        self.sizes = (heads_q, heads_q // heads_kv, n_q, n_k)
+        self.lse_shape = (batch, heads_q, n_q)
+        self.variant, self.causal_offset = variant, causal_offset
+        self.fixed_scalars = None if variant.dropout else _variant_scalars(variant, causal_offset, 0.0, 0, 0)
+        self.num_warps, self.num_stages = config.num_warps, config.num_stages
+
+    def __call__(self, q, k, v, scale: float, dropout_p: float = 0.0, seed: int = 0, rng_offset: int = 0,
+                 out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if out is None:  # (empty_like parses fewer arguments than empty: microseconds per call)
+            out = torch.empty_like(q) if q.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format)
+        if lse is None:
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        if out.numel() == 0:
+            return out, lse
+        self.launcher(*self.arguments(q, k, v, out, lse, scale, dropout_p, seed, rng_offset),
+                      num_warps=self.num_warps, num_stages=self.num_stages)  # fmt: skip
+        return out, lse
+
+    def arguments(self, q, k, v, out, lse, scale, dropout_p, seed, rng_offset) -> list:
+        """The kernel's arguments, in its order."""
+        scalars = self.fixed_scalars
+        if scalars is None:
+            scalars = _variant_scalars(self.variant, self.causal_offset, dropout_p, seed, rng_offset)
+        return [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *self.sizes, scale * LOG2E,
+                *scalars]
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -34,18 +72,8 @@ def attention_forward(
     Returns out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) float32, contiguous (natural log); pass
     ``out`` or ``lse`` to have them written there (any strides for out; lse must be contiguous).
     """
-    batch, heads_q, n_q, head_dim = q.shape
-    if out is None:
-        out = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
-    args = _forward_args(q, k, v, out, lse, variant, scale, causal_offset, dropout_p, seed, rng_offset)
-    module = kernel_module(FORWARD, variant, config)
-    grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-    module.attn_fwd[grid](*args, num_warps=config.num_warps, num_stages=config.num_stages)
-    return out, lse
+    launch = ForwardLaunch(variant, config, q.shape, k.shape, causal_offset)
+    return launch(q, k, v, scale, dropout_p, seed, rng_offset, out=out, lse=lse)
 
 
 def _variant_scalars(variant: Variant, causal_offset: int, dropout_p: float, seed: int, rng_offset: int) -> list:
@@ -54,16 +82,6 @@ def _variant_scalars(variant: Variant, causal_offset: int, dropout_p: float, see
     if variant.dropout:
         scalars += [dropout_p, seed, rng_offset]
     return scalars
-
-
-def _forward_args(q, k, v, out, lse, variant, scale, causal_offset, dropout_p, seed, rng_offset) -> list:
-    heads_q, n_q, heads_kv, n_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    return [
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E,
-        *_variant_scalars(variant, causal_offset, dropout_p, seed, rng_offset),
-    ]  # fmt: skip
 
 
 def compile_forward(
@@ -86,10 +104,9 @@ def compile_forward(
     q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
     lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
-    args = _forward_args(q, kv, kv, q, lse, variant, 1.0, 0, 0.5, 0, 0)
-    module = kernel_module(FORWARD, variant, config)
-    grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-    return module.attn_fwd.warmup(*args, grid=grid, num_warps=config.num_warps, num_stages=config.num_stages)
+    launch = ForwardLaunch(variant, config, q.shape, kv.shape)
+    args = launch.arguments(q, kv, kv, q, lse, 1.0, 0.5, 0, 0)
+    return launch.kernel.warmup(*args, grid=launch.grid, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def dropout_keep_mask(

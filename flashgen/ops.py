@@ -17,7 +17,7 @@ import torch
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
 from flashgen.dispatch import Choice, backward_choice, forward_choice, warn_once
-from flashgen.launch import attention_backward, attention_forward
+from flashgen.launch import ForwardLaunch, attention_backward
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
     CAUSAL_ALIGNMENTS,
@@ -131,6 +131,7 @@ class Plan:
     forward: Choice | None = None
     offset: int = 0
     default_scale: float = 1.0
+    launch: ForwardLaunch | None = None
 
 
 _plans: dict[tuple, Plan] = {}
@@ -145,11 +146,7 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
         knob_table(FORWARD).validate(config)
     if backward_config is not None:
         knob_table(BACKWARD).validate(backward_config)
-        if deterministic and backward_config["atomic_dq"]:
-            raise ValueError(
-                "backward_config has atomic_dq=True, which is not bit-reproducible, but deterministic gradients "
-                "were asked for (deterministic=True or torch.use_deterministic_algorithms(True))"
-            )
+    _check_deterministic(backward_config, deterministic)
     reason = _unsupported(q, attn_mask)
     if reason is not None:
         if config is not None or backward_config is not None:
@@ -160,43 +157,41 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
     variant = Variant(head_dim=head_dim, dtype=DTYPE_NAMES[q.dtype], causal=causal, dropout=dropout_p > 0.0)
     bucket = ShapeBucket.of(variant, batch=batch, heads_q=heads_q, heads_kv=heads_kv, n_q=n_q, n_k=n_k)
     device = device_info(q.device)
-    return Plan(
-        "kernel",
-        variant=variant,
-        bucket=bucket,
-        device=device,
-        forward=forward_choice(bucket, device, config),
-        offset=causal_offset(causal_alignment, n_q, n_k) if causal else 0,
-        default_scale=1.0 / math.sqrt(head_dim),
-    )
+    forward = forward_choice(bucket, device, config)
+    offset = causal_offset(causal_alignment, n_q, n_k) if causal else 0
+    return Plan("kernel", variant=variant, bucket=bucket, device=device, forward=forward, offset=offset,
+                default_scale=1.0 / math.sqrt(head_dim), launch=ForwardLaunch(variant, forward.config, q.shape, k.shape, offset))  # fmt: skip
 
 
 def plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic) -> Plan:
     """The call's plan: a dictionary lookup after the first call of its signature."""
-    key = _call_key(q, k, v, attn_mask, causal, causal_alignment, dropout_p, config, backward_config, deterministic)
-    plan = _plans.get(key) if key is not None else None
+    # Everything the plan depends on; a value that cannot be hashed or compared sends the call to the slow
+    # path, which names the bad argument. (get_device: an int, cheaper than building a torch.device.)
+    # `attention` inlines this lookup: keep the two keys identical.
+    try:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(), k.get_device(),
+               v.get_device(), attn_mask is None, causal, causal_alignment, dropout_p > 0.0, config, backward_config)  # fmt: skip
+        plan = _plans.get(key)
+    except Exception:
+        key = plan = None
     if plan is None:
         plan = _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
         if key is not None:
             if len(_plans) >= _MAX_PLANS:
                 _plans.clear()
             _plans[key] = plan
-    elif dropout_p or scale is not None:  # per-call values the plan does not cover
+    elif dropout_p or scale is not None or deterministic:  # per-call values the plan does not cover
         _check_options(causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
+        _check_deterministic(backward_config, deterministic)
     return plan
 
 
-def _call_key(q, k, v, attn_mask, causal, causal_alignment, dropout_p, config, backward_config, deterministic):
-    # Everything the plan depends on; a value that cannot be hashed or compared sends the call to the slow
-    # path, which names the bad argument.
-    try:
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-               attn_mask is None, causal, causal_alignment, dropout_p > 0.0, config, backward_config,
-               deterministic, q.__class__, k.__class__, v.__class__)  # fmt: skip
-        hash(key)
-        return key
-    except Exception:
-        return None
+def _check_deterministic(backward_config: TileConfig | None, deterministic: bool) -> None:
+    if deterministic and backward_config is not None and backward_config["atomic_dq"]:
+        raise ValueError(
+            "backward_config has atomic_dq=True, which is not bit-reproducible, but deterministic gradients "
+            "were asked for (deterministic=True or torch.use_deterministic_algorithms(True))"
+        )
 
 
 class _Attention(torch.autograd.Function):
@@ -204,9 +199,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, backward_config, deterministic, scale, dropout_p, seed):
-        config = plan.forward.config
-        out, lse = attention_forward(q, k, v, variant=plan.variant, config=config, scale=scale,
-                                     causal_offset=plan.offset, dropout_p=dropout_p, seed=seed)  # fmt: skip
+        out, lse = plan.launch(q, k, v, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = (plan, backward_config, deterministic, scale, dropout_p, seed)
         ctx.mark_non_differentiable(lse)
@@ -262,14 +255,22 @@ def attention(
     devices) runs through ``torch.nn.functional.scaled_dot_product_attention`` with a one-time warning, or
     raises :class:`UnsupportedError` when ``strict`` (default: ``FLASHGEN_STRICT=1``).
     """
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     if torch.compiler.is_compiling():
         from flashgen.custom_op import compiled_attention
 
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
         return compiled_attention(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, return_lse, config,
                                   backward_config, deterministic, strict)  # fmt: skip
-    plan = plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
+    # plan_call's lookup, inlined: this is the per-call path (see plan_call for the key's contract).
+    try:
+        plan = _plans.get((q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(),
+                           k.get_device(), v.get_device(), attn_mask is None, causal, causal_alignment,
+                           dropout_p > 0.0, config, backward_config))  # fmt: skip
+    except Exception:
+        plan = None
+    if plan is None or dropout_p or scale is not None or deterministic:
+        plan = plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
     if plan.route != "kernel":
         return sdpa_fallback(plan.reason, q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, return_lse, strict)
     scale = plan.default_scale if scale is None else float(scale)
@@ -282,10 +283,12 @@ def attention(
             )
         seed = draw_dropout_seed()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            _check_deterministic(backward_config, deterministic)
         out, lse = _Attention.apply(q, k, v, plan, backward_config, deterministic, scale, float(dropout_p), seed)
     else:
-        out, lse = attention_forward(q, k, v, variant=plan.variant, config=plan.forward.config, scale=scale,
-                                     causal_offset=plan.offset, dropout_p=dropout_p, seed=seed)  # fmt: skip
+        out, lse = plan.launch(q, k, v, scale, float(dropout_p), seed)
     return (out, lse) if return_lse else out
 
 
