@@ -31,3 +31,14 @@ def test_only_the_tuner_imports_optuna_at_module_level():
             if any(name.split(".")[0] == "optuna" for name in names):
                 importers.add(path.name)
     assert importers == {"tuner.py"}
+
+
+def test_reading_the_shipped_caches_needs_no_sqlalchemy():
+    code = (
+        "import sys, flashgen.dispatch as d\n"
+        "sources = d._shipped_sources()\n"
+        "print(sum(len(entries) for _, entries in sources) > 0, 'sqlalchemy' in sys.modules, 'optuna' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False", "False"]
