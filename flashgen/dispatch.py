@@ -43,8 +43,13 @@ from flashgen.resources import default_database_url, tuning_db_dir
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import BACKWARD, FORWARD, TileConfig, Variant
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: unset, empty, 0, false, no and off are off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 log = logging.getLogger("flashgen.dispatch")
-if os.environ.get("FLASHGEN_LOG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+if env_flag("FLASHGEN_LOG"):
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("flashgen: %(message)s"))
     log.addHandler(_handler)
@@ -170,7 +175,7 @@ def _database_source() -> tuple[str, list[TunedEntry]] | None:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         path = Path(url[len("sqlite:///"):])
         if not path.is_file():
-            if explicit and not _env_flag("FLASHGEN_AUTOTUNE"):  # (autotuning creates it)
+            if explicit and not env_flag("FLASHGEN_AUTOTUNE"):  # (autotuning creates it)
                 warn_once(f"FLASHGEN_DB names {path}, which does not exist: using shipped caches and defaults")
             return None  # no user database yet: nothing tuned here
     try:
@@ -246,10 +251,6 @@ def _decide(template: str, bucket: ShapeBucket, device: DeviceInfo) -> Choice:
     return Choice(template, bucket, defaults(bucket.variant, device), "default", "the default heuristic")
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def _env_number(name: str, default: float, kind: type) -> float:
     text = os.environ.get(name, "").strip()
     try:
@@ -268,7 +269,7 @@ _autotuned: set[tuple[str, ShapeBucket, DeviceInfo]] = set()
 def _autotune(template: str, bucket: ShapeBucket, device: DeviceInfo) -> bool:
     """Tune ``bucket`` now if ``FLASHGEN_AUTOTUNE`` asks for it (once per process and bucket); True when an
     entry was stored and the index rebuilt."""
-    if not _env_flag("FLASHGEN_AUTOTUNE") or (template, bucket, device) in _autotuned:
+    if not env_flag("FLASHGEN_AUTOTUNE") or (template, bucket, device) in _autotuned:
         return False
     _autotuned.add((template, bucket, device))
     trials = int(_env_number("FLASHGEN_AUTOTUNE_TRIALS", 12, int))

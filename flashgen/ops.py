@@ -8,7 +8,6 @@ captured in a CUDA graph (without dropout, whose seed is drawn on the host).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from numbers import Real
 
@@ -16,7 +15,7 @@ import torch
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
-from flashgen.dispatch import Choice, backward_choice, forward_choice, warn_once
+from flashgen.dispatch import Choice, backward_choice, env_flag, forward_choice, warn_once
 from flashgen.launch import ForwardLaunch, attention_backward
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
@@ -109,11 +108,8 @@ def draw_dropout_seed() -> int:
 
 
 class UnsupportedError(ValueError):
-    """flashgen has no kernel for this call and strict mode is on (``strict=True`` or ``FLASHGEN_STRICT=1``)."""
-
-
-def _strict_default() -> bool:
-    return os.environ.get("FLASHGEN_STRICT", "").strip().lower() not in ("", "0", "false", "no", "off")
+    """flashgen has no kernel for this call, and it cannot go to SDPA: strict mode (``strict=True`` or
+    ``FLASHGEN_STRICT=1``), or something SDPA cannot give either (the lse, a forced tile config)."""
 
 
 @dataclass(frozen=True)
@@ -163,14 +159,18 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
                 default_scale=1.0 / math.sqrt(head_dim), launch=ForwardLaunch(variant, forward.config, q.shape, k.shape, offset))  # fmt: skip
 
 
+def _signature(q, k, v, attn_mask, causal, causal_alignment, dropout_p, config, backward_config) -> tuple:
+    """Everything a plan depends on (get_device: an int, cheaper than building a torch.device). A value that
+    cannot be compared raises here, one that cannot be hashed in the lookup: the caller then takes the slow
+    path, which names it (and only validated, hashable signatures are stored)."""
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(), k.get_device(),
+            v.get_device(), attn_mask is None, causal, causal_alignment, dropout_p > 0.0, config, backward_config)  # fmt: skip
+
+
 def plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic) -> Plan:
     """The call's plan: a dictionary lookup after the first call of its signature."""
-    # Everything the plan depends on; a value that cannot be hashed or compared sends the call to the slow
-    # path, which names the bad argument. (get_device: an int, cheaper than building a torch.device.)
-    # `attention` inlines this lookup: keep the two keys identical.
     try:
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(), k.get_device(),
-               v.get_device(), attn_mask is None, causal, causal_alignment, dropout_p > 0.0, config, backward_config)  # fmt: skip
+        key = _signature(q, k, v, attn_mask, causal, causal_alignment, dropout_p, config, backward_config)
         plan = _plans.get(key)
     except Exception:
         key = plan = None
@@ -262,15 +262,7 @@ def attention(
             deterministic = torch.are_deterministic_algorithms_enabled()
         return compiled_attention(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, return_lse, config,
                                   backward_config, deterministic, strict)  # fmt: skip
-    # plan_call's lookup, inlined: this is the per-call path (see plan_call for the key's contract).
-    try:
-        plan = _plans.get((q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.is_cuda, q.get_device(),
-                           k.get_device(), v.get_device(), attn_mask is None, causal, causal_alignment,
-                           dropout_p > 0.0, config, backward_config))  # fmt: skip
-    except Exception:
-        plan = None
-    if plan is None or dropout_p or scale is not None or deterministic:
-        plan = plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
+    plan = plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
     if plan.route != "kernel":
         return sdpa_fallback(plan.reason, q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, return_lse, strict)
     scale = plan.default_scale if scale is None else float(scale)
@@ -294,7 +286,7 @@ def attention(
 
 def sdpa_fallback(reason, q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, return_lse, strict):
     """Run a call flashgen has no kernel for through torch's SDPA (warning once per reason), or raise."""
-    if strict if strict is not None else _strict_default():
+    if strict if strict is not None else env_flag("FLASHGEN_STRICT"):
         raise UnsupportedError(f"flashgen has no kernel for {reason} (strict mode; without it this call runs on SDPA)")
     if return_lse:
         raise UnsupportedError(f"return_lse=True: flashgen has no kernel for {reason}, and SDPA does not return the lse")
