@@ -272,21 +272,25 @@ def _direct_launch(q, k, v, causal: bool) -> Callable[[], torch.Tensor]:
     return call
 
 
-def _per_call_us(fn: Callable[[], object], calls: int, repeats: int = 7) -> float:
-    """Median over ``repeats`` of the wall time of ``calls`` back-to-back calls, per call, in microseconds."""
+def _per_call_us(fns: dict[str, tuple[Callable[[], object], Callable[[], contextlib.AbstractContextManager]]],
+                 calls: int, repeats: int = 9) -> dict[str, float]:  # fmt: skip
+    """Per-call wall time of each (function, context factory), in microseconds: the median over ``repeats``
+    rounds of ``calls`` back-to-back calls inside the context. The rounds interleave the functions, so drift
+    in the host's speed hits all of them alike."""
     import time
 
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(samples)[len(samples) // 2]
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, (fn, context) in fns.items():
+            with context():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+            if round_:  # round 0 warms up
+                samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: sorted(times)[len(times) // 2] for name, times in samples.items()}
 
 
 def _graph_replay_matches(fn: Callable[[], torch.Tensor]) -> bool:
@@ -313,16 +317,19 @@ def measure_overhead(points: list[OverheadPoint], *, calls: int = 2000) -> list[
         q, k, v = (torch.randn(shape, dtype=TORCH_DTYPES[point.dtype], device="cuda") for _ in range(3))
         flashgen_call = lambda: attention(q, k, v, causal=point.causal)  # noqa: E731
         row = {"point": point.label, "config": explain(q, k, v, causal=point.causal).forward.describe()}
-        row["direct_us"] = _per_call_us(_direct_launch(q, k, v, point.causal), calls)
-        row["flashgen_us"] = _per_call_us(flashgen_call, calls)
+        fns = {"direct": (_direct_launch(q, k, v, point.causal), contextlib.nullcontext),
+               "flashgen": (flashgen_call, contextlib.nullcontext)}  # fmt: skip
         for peer in ("cudnn", "flash", "efficient"):
             fn, ctx = _peer_call(peer, Point(point.head_dim, point.causal, point.seqlen, point.dtype), q, k, v)
             try:
                 with ctx:
-                    row[f"{peer}_us"] = _per_call_us(fn, calls)
+                    fn()
+                fns[peer] = (fn, lambda peer=peer: _sdpa_backend(peer))
             except Exception as exc:
-                row[f"{peer}_us"] = None
                 row[f"{peer}_failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        times = _per_call_us(fns, calls)
+        for name in ("direct", "flashgen", "cudnn", "flash", "efficient"):
+            row[f"{name}_us"] = times.get(name)
         row["overhead_vs_direct"] = row["flashgen_us"] / row["direct_us"]
         row["cuda_graph_replay_matches"] = _graph_replay_matches(flashgen_call)
         rows.append(row)
