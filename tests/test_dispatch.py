@@ -14,7 +14,6 @@ import torch
 import flashgen
 from flashgen import dispatch, ops
 from flashgen.caches import dumps
-from flashgen.codegen import template_digest
 from flashgen.db import TuningStore
 from flashgen.device import device_info
 from flashgen.shapes import ShapeBucket
