@@ -227,7 +227,10 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
 @click.option("--overhead", is_flag=True, help="Instead of the grid: per-call time on tiny shapes against a direct launch of the same kernel and SDPA, and CUDA-graph replay.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all measurements as JSON here.")
-def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direction, overhead, json_out) -> None:
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Plot TFLOP/s against seqlen, a panel per variant, here (needs matplotlib).")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Measure nothing: plot (--png) a run saved with --json (no GPU needed).")  # fmt: skip
+def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direction, overhead, json_out, png_out, from_json) -> None:
     """TFLOP/s of flashgen (as dispatched) against its default configs, SDPA's backends and compiled
     FlexAttention (GPU only).
 
@@ -238,6 +241,11 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
 
     from flashgen import bench as b
 
+    if from_json:
+        if not png_out:
+            raise click.UsageError("--from-json plots a saved run: give --png FILE")
+        _bench_png(json.loads(from_json.read_text()), png_out, f"flashgen bench: {from_json.name}")
+        return
     if not torch.cuda.is_available():
         raise click.UsageError("bench needs a CUDA GPU; `flashgen check` runs without one")
     if overhead:
@@ -272,6 +280,18 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
             console.print(f"flashgen / {peer}: geometric mean {mean:.2f}x")
     if json_out:
         json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    if png_out:
+        title = f"{'backward' if direction == 'bwd' else 'forward'} TFLOP/s, {dtype}, {torch.cuda.get_device_name()}"
+        _bench_png([r.to_dict() for r in results], png_out, title)
+
+
+def _bench_png(results: list[dict], path: Path, title: str) -> None:
+    from flashgen.plot import plot_results
+
+    try:
+        console.print(f"plot written to {plot_results(results, path, title=title)}")
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"cannot plot: {exc}") from None
 
 
 def _bench_overhead(dtype: str, json_out: Path | None) -> None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -81,3 +82,14 @@ def test_check_reports_gradient_errors(runner):
     assert all(row["grad_error"] is not None and row["grad_error"] <= row["grad_tolerance"] for row in rows)
     forward_only = json.loads(runner.invoke(main, ["check", "--json", "--no-backward"]).stdout)
     assert all(row["grad_error"] is None for row in forward_only)
+
+
+def test_bench_plots_a_saved_run_without_a_gpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    saved = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "2026-11-22-h200-bench-fwd-dispatched.json"
+    png = tmp_path / "fwd.png"
+    result = CliRunner().invoke(main, ["bench", "--from-json", str(saved), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    result = CliRunner().invoke(main, ["bench", "--from-json", str(saved)])
+    assert result.exit_code == 2 and "--png" in result.output
