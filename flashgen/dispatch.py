@@ -312,4 +312,4 @@ def backward_choice(
 
 
 def _without_atomics(config: TileConfig) -> TileConfig:
-    return replace(config, extra=tuple((name, False if name == "atomic_dq" else value) for name, value in config.extra))
+    return TileConfig.from_dict({**config.to_dict(), "atomic_dq": False})

@@ -52,12 +52,16 @@ def test_gradients_match_reference(device, dtype, shape, causal):
 
 
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
-def test_dropout_gradients_use_the_forwards_mask(device, dtype):
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["dq-kernel", "atomic-dq"])
+def test_dropout_gradients_use_the_forwards_mask(device, dtype, atomic_dq):
     torch_dtype = TORCH_DTYPES[dtype]
     q = _leaf((1, 4, 50, 32), torch_dtype, device)
     k, v = (_leaf((1, 2, 60, 32), torch_dtype, device) for _ in range(2))
+    backward_config = None
+    if atomic_dq:
+        backward_config = knob_table("attn_bwd").config(block_m=16, block_n=32, num_warps=4, num_stages=1, atomic_dq=True)
     torch.manual_seed(11)
-    out = flashgen.attention(q, k, v, causal=True, dropout_p=0.3)
+    out = flashgen.attention(q, k, v, causal=True, dropout_p=0.3, backward_config=backward_config)
     torch.manual_seed(11)
     seed = draw_dropout_seed()
     variant = Variant(32, dtype, causal=True, dropout=True)
@@ -151,24 +155,6 @@ def test_backward_configs_match_reference(device, dtype, knobs, causal):
     grad = torch.randn_like(out)
     out.backward(grad)
     _check(q, k, v, out, grad, causal_offset=causal_offset(causal, n_q, n_k) if causal else None)
-
-
-@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
-def test_atomic_dq_with_dropout_uses_the_forwards_mask(device, dtype):
-    torch_dtype = TORCH_DTYPES[dtype]
-    q = _leaf((1, 4, 50, 32), torch_dtype, device)
-    k, v = (_leaf((1, 2, 60, 32), torch_dtype, device) for _ in range(2))
-    torch.manual_seed(5)
-    config = knob_table("attn_bwd").config(block_m=16, block_n=32, num_warps=4, num_stages=1, atomic_dq=True)
-    out = flashgen.attention(q, k, v, causal=True, dropout_p=0.25, backward_config=config)
-    torch.manual_seed(5)
-    seed = draw_dropout_seed()
-    keep = dropout_keep_mask((1, 4, 50, 60), variant=Variant(32, dtype, causal=True, dropout=True),
-                             config=knob_table("attn_fwd").default_config(), dropout_p=0.25, seed=seed,
-                             device=device)  # fmt: skip
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    _check(q, k, v, out, grad, causal_offset=0, dropout_keep=keep, dropout_p=0.25)
 
 
 def test_deterministic_refuses_an_atomic_backward_config():
