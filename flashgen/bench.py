@@ -22,10 +22,11 @@ from flashgen.device import device_info
 from flashgen.defaults import default_backward_config, default_config
 from flashgen.ops import attention, explain
 from flashgen.reference import reference_attention, relative_error
-from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
+from flashgen.spec import BACKWARD, FORWARD, TORCH_DTYPES, TileConfig, Variant, knob_table
 from flashgen.timing import attention_flops, median_ms, tflops
 
 PEERS = ("flashgen", "default", "cudnn", "flash", "efficient", "flex")  # flashgen: as dispatched; default: its default configs
+CONFIG_PEER = "config:"  # a peer "config:<key>" is flashgen forced to run the tile config <key> (see config_peer)
 CHECK_ROWS = 256  # query rows compared against the float64 reference (the full matrix does not fit at 16k)
 BWD_CHECK_MAX = 4096
 
@@ -103,12 +104,23 @@ def _defaults(point: Point, device) -> tuple[TileConfig, TileConfig]:
     return default_config(variant, info), default_backward_config(variant, info)
 
 
+def config_peer(key: str, *, backward: bool) -> str:
+    """The peer name that runs flashgen with the tile config ``key`` (of the backward template when
+    ``backward``: the forward is then dispatched as usual). ValueError if the key is not a valid config."""
+    knob_table(BACKWARD if backward else FORWARD).parse_key(key)
+    return CONFIG_PEER + key
+
+
 def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Tensor], contextlib.AbstractContextManager]:
     if peer == "flashgen":
         return (lambda: attention(q, k, v, causal=point.causal)), contextlib.nullcontext()
     if peer == "default":
         forward, backward = _defaults(point, q.device)
         return (lambda: attention(q, k, v, causal=point.causal, config=forward, backward_config=backward)), contextlib.nullcontext()
+    if peer.startswith(CONFIG_PEER):
+        config = knob_table(BACKWARD if point.backward else FORWARD).parse_key(peer[len(CONFIG_PEER):])
+        forced = {"backward_config" if point.backward else "config": config}
+        return (lambda: attention(q, k, v, causal=point.causal, **forced)), contextlib.nullcontext()
     if peer in ("cudnn", "flash", "efficient"):
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return (lambda: sdpa(q, k, v, is_causal=point.causal)), _sdpa_backend(peer)

@@ -222,6 +222,9 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--peer", "peers", type=click.Choice(["default", "cudnn", "flash", "efficient", "flex"]), multiple=True,
               default=("default", "cudnn", "flash", "efficient", "flex"), show_default=True,
               help="Kernels to compare against (default: flashgen with its default configs instead of dispatch's).")  # fmt: skip
+@click.option("--config", "config_keys", multiple=True, metavar="KEY",
+              help="Also run flashgen forced to this tile config, e.g. m128-n64-w8-s3-tma=1 (repeatable; knobs left "
+                   "out take their defaults; a backward config with --direction bwd).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
@@ -230,7 +233,8 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Plot TFLOP/s against seqlen, a panel per variant, here (needs matplotlib).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Measure nothing: plot (--png) a run saved with --json (no GPU needed).")  # fmt: skip
-def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direction, overhead, json_out, png_out, from_json) -> None:
+def bench(head_dims, seqlens, causal_modes, dtype, peers, config_keys, tokens, hidden, direction, overhead, json_out, png_out,
+          from_json) -> None:  # fmt: skip
     """TFLOP/s of flashgen (as dispatched) against its default configs, SDPA's backends and compiled
     FlexAttention (GPU only).
 
@@ -246,6 +250,10 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
             raise click.UsageError("--from-json plots a saved run: give --png FILE")
         _bench_png(json.loads(from_json.read_text()), png_out, f"flashgen bench: {from_json.name}")
         return
+    try:
+        forced = tuple(b.config_peer(key, backward=direction == "bwd") for key in config_keys)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config") from None
     if not torch.cuda.is_available():
         raise click.UsageError("bench needs a CUDA GPU; `flashgen check` runs without one")
     if overhead:
@@ -253,6 +261,7 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, tokens, hidden, direct
         return
     grid = b.points(head_dims, seqlens, [c == "on" for c in causal_modes], dtype, tokens=tokens, hidden=hidden,
                     backward=direction == "bwd")  # fmt: skip
+    peers = (*peers, *forced)
     all_peers = ("flashgen", *peers)
     results = []
     with console.status("benchmarking") as status:

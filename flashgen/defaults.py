@@ -11,12 +11,20 @@ from flashgen.device import DeviceInfo
 from flashgen.spec import TileConfig, Variant, knob_table
 from flashgen.sram import estimate_backward_shared_bytes, estimate_shared_bytes, shared_budget
 
-# (block_m, block_n, num_warps, num_stages), best first; the first that fits the shared-memory budget wins.
-# A starting point until a tuned entry exists, not a tuned answer.
+# (block_m, block_n, num_warps, num_stages[, template knobs]), best first; the first that fits the
+# shared-memory budget wins. A starting point until a tuned entry exists, not a tuned answer.
 _GPU_PREFERENCE = {
     64: [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1)],
     256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
+# Hopper (sm90 and later), from the 2026-11-22 sweep on an H200 (bf16, seqlens 1k..16k, docs/hopper-notes.md):
+# at D=128, 128x128 tiles loaded through TMA beat the 128x64 plain default by 4-14%; at D=64 TMA gained
+# nothing in the forward.
+_HOPPER_PREFERENCE = {
+    64: [(128, 64, 8, 3), *_GPU_PREFERENCE[64]],
+    128: [(128, 128, 8, 3, {"tma": True}), (128, 64, 8, 3, {"tma": True}), *_GPU_PREFERENCE[128]],
+    256: _GPU_PREFERENCE[256],
 }
 # The interpreter's cost is per inner-loop step, not per element: large-ish tiles, no pipelining.
 _INTERPRETER_DEFAULT = (64, 32, 4, 1)
@@ -26,23 +34,26 @@ def _first_fitting(template: str, candidates, variant: Variant, device: DeviceIn
                    estimate) -> TileConfig | None:  # fmt: skip
     table = knob_table(template)
     budget = shared_budget(device, sram_budget)
-    for block_m, block_n, num_warps, num_stages in candidates:
-        config = table.config(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    for block_m, block_n, num_warps, num_stages, *knobs in candidates:
+        config = table.config(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                              **(knobs[0] if knobs else {}))  # fmt: skip
         if budget is None or estimate(variant, config) <= budget:
             return config
     return None
 
 
-def _candidates(preference: dict, interpreter_default: tuple, variant: Variant, device: DeviceInfo) -> list[tuple]:
+def _candidates(preference: dict, hopper: dict, interpreter_default: tuple, variant: Variant, device: DeviceInfo) -> list[tuple]:
     if device.interpreter:
         return [interpreter_default]
+    if device.capability is not None and device.capability >= (9, 0):
+        preference = hopper
     return preference[next(bound for bound in sorted(preference) if variant.head_dim_padded <= bound)]
 
 
 @cache  # on every attention call without a config: a dictionary lookup after the first
 def default_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The forward config used when nothing better is known for ``variant`` on ``device``."""
-    candidates = _candidates(_GPU_PREFERENCE, _INTERPRETER_DEFAULT, variant, device) + [(16, 16, 4, 1)]
+    candidates = _candidates(_GPU_PREFERENCE, _HOPPER_PREFERENCE, _INTERPRETER_DEFAULT, variant, device) + [(16, 16, 4, 1)]
     config = _first_fitting(FORWARD, candidates, variant, device, sram_budget, estimate_shared_bytes)
     if config is None:
         smallest = knob_table(FORWARD).config(block_m=16, block_n=16, num_warps=4, num_stages=1)
@@ -61,13 +72,20 @@ _GPU_BACKWARD_PREFERENCE = {
     128: [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
     256: [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
 }
+# Hopper: the same tiles with Q, K, V and dO loaded through TMA were 0-9% faster in the 2026-11-22 sweep.
+_HOPPER_BACKWARD_PREFERENCE = {
+    64: [(64, 64, 4, 3, {"tma": True}), *_GPU_BACKWARD_PREFERENCE[64]],
+    128: [(64, 64, 4, 2, {"tma": True}), *_GPU_BACKWARD_PREFERENCE[128]],
+    256: _GPU_BACKWARD_PREFERENCE[256],
+}
 _INTERPRETER_BACKWARD_DEFAULT = (32, 32, 4, 1)
 
 
 @cache
 def default_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The backward config used when nothing better is known (the backward is not tuned yet)."""
-    candidates = _candidates(_GPU_BACKWARD_PREFERENCE, _INTERPRETER_BACKWARD_DEFAULT, variant, device)
+    candidates = _candidates(_GPU_BACKWARD_PREFERENCE, _HOPPER_BACKWARD_PREFERENCE, _INTERPRETER_BACKWARD_DEFAULT,
+                             variant, device)  # fmt: skip
     config = _first_fitting(BACKWARD, candidates, variant, device, sram_budget, estimate_backward_shared_bytes)
     if config is None:
         raise ValueError(

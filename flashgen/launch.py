@@ -13,6 +13,33 @@ from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
 LOG2E = 1.4426950408889634
 
 
+def uses_tma(config: TileConfig) -> bool:
+    """Whether ``config`` asks for tensor-descriptor (TMA) loads (a knob some templates declare)."""
+    return bool(config.to_dict().get("tma", False))
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine can address every tensor: not empty, unit last stride, 16-byte aligned base
+    and strides."""
+    for t in tensors:
+        size = t.element_size()
+        if not t.numel() or t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, rows: int, head_dim_padded: int):
+    """A 4-D tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, head_dim_padded)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim_padded])
+
+
+def without_tma(config: TileConfig) -> TileConfig:
+    """``config`` with its ``tma`` knob off: the same tiles through plain loads."""
+    return TileConfig.from_dict({**config.to_dict(), "tma": False})
+
+
 class ForwardLaunch:
     """The forward kernel of ``variant`` and ``config`` bound to one call signature: q (B, Hq, Nq, D), k and v
     (B, Hkv, Nk, D). Made once per signature (kernel lookup, grid), then called per call: it allocates the
@@ -29,6 +56,11 @@ class ForwardLaunch:
         self.variant, self.causal_offset = variant, causal_offset
         self.fixed_scalars = None if variant.dropout else _variant_scalars(variant, causal_offset, 0.0, 0, 0)
         self.num_warps, self.num_stages = config.num_warps, config.num_stages
+        self.tma = uses_tma(config)
+        self.block_m, self.block_n = config.block_m, config.block_n
+        # Tensors the copy engine cannot address (odd strides, unaligned views) run the same tiles without it.
+        self._plain = None
+        self._plain_args = (variant, without_tma(config), q_shape, k_shape, causal_offset) if self.tma else None
 
     def __call__(self, q, k, v, scale: float, dropout_p: float = 0.0, seed: int = 0, rng_offset: int = 0,
                  out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -38,6 +70,10 @@ class ForwardLaunch:
             lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
         if out.numel() == 0:
             return out, lse
+        if self.tma and not tma_ready(q, k, v, out):
+            if self._plain is None:
+                self._plain = ForwardLaunch(*self._plain_args)
+            return self._plain(q, k, v, scale, dropout_p, seed, rng_offset, out=out, lse=lse)
         self.launcher(*self.arguments(q, k, v, out, lse, scale, dropout_p, seed, rng_offset),
                       num_warps=self.num_warps, num_stages=self.num_stages)  # fmt: skip
         return out, lse
@@ -47,7 +83,11 @@ class ForwardLaunch:
         scalars = self.fixed_scalars
         if scalars is None:
             scalars = _variant_scalars(self.variant, self.causal_offset, dropout_p, seed, rng_offset)
-        return [q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *self.sizes, scale * LOG2E,
+        tensors = [q, k, v, out]
+        if self.tma:
+            rows, d = (self.block_m, self.block_n, self.block_n, self.block_m), self.variant.head_dim_padded
+            tensors = [_descriptor(t, r, d) for t, r in zip(tensors, rows)]
+        return [*tensors, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *self.sizes, scale * LOG2E,
                 *scalars]
 
 
@@ -165,18 +205,33 @@ def attention_backward(
     )
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
+    inputs = (q, k, v, grad_out)
+    if uses_tma(config) and not tma_ready(*inputs):  # the same tiles through plain loads
+        config = without_tma(config)
+        module = kernel_module(BACKWARD, variant, config)
     key_blocks = (math.ceil(n_k / config.block_n), heads_kv, batch)
+    key_block_inputs = _backward_inputs(config, inputs, config.block_m, config.block_n, variant.head_dim_padded)
     if config["atomic_dq"]:
         dq_acc = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
         module.attn_bwd_dkdv[key_blocks](
-            q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
+            *key_block_inputs, dk, dv, lse, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
         )
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    module.attn_bwd_dkdv[key_blocks](q, k, v, grad_out, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch)
+    module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch)
     query_blocks = (math.ceil(n_q / config.block_n), heads_q, batch)  # the dQ kernel's tiles are swapped
-    module.attn_bwd_dq[query_blocks](q, k, v, grad_out, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
+    query_block_inputs = _backward_inputs(config, inputs, config.block_n, config.block_m, variant.head_dim_padded)
+    module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
     return dq, dk, dv
+
+
+def _backward_inputs(config: TileConfig, inputs, query_rows: int, key_rows: int, head_dim_padded: int) -> list:
+    """q, k, v and dO as a backward kernel takes them: the tensors, or with the ``tma`` knob, descriptors
+    whose boxes are ``query_rows`` (q, dO) or ``key_rows`` (k, v) rows."""
+    if not uses_tma(config):
+        return list(inputs)
+    rows = (query_rows, key_rows, key_rows, query_rows)
+    return [_descriptor(t, r, head_dim_padded) for t, r in zip(inputs, rows)]
 
 
 def _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset) -> list:
@@ -206,11 +261,16 @@ def compile_backward(
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
     key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)
+    d = variant.head_dim_padded
+    key_block_inputs = _backward_inputs(config, (q, kv, kv, q), config.block_m, config.block_n, d)
     if config["atomic_dq"]:
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
-        module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), dq_acc, *dq_acc.stride(),
-                                    *common, grid=key_grid, **launch)  # fmt: skip
+        module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), dq_acc,
+                                    *dq_acc.stride(), *common, grid=key_grid, **launch)  # fmt: skip
         return
-    module.attn_bwd_dkdv.warmup(q, kv, kv, q, kv, kv, rows, rows, *strides, *kv.stride(), *common, grid=key_grid, **launch)
+    module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), *common, grid=key_grid,
+                                **launch)  # fmt: skip
     query_grid = (math.ceil(n_q / config.block_n), heads_q, batch)
-    module.attn_bwd_dq.warmup(q, kv, kv, q, q, rows, rows, *strides, *q.stride(), *common, grid=query_grid, **launch)
+    query_block_inputs = _backward_inputs(config, (q, kv, kv, q), config.block_n, config.block_m, d)
+    module.attn_bwd_dq.warmup(*query_block_inputs, q, rows, rows, *strides, *q.stride(), *common, grid=query_grid,
+                              **launch)  # fmt: skip

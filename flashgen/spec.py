@@ -258,6 +258,35 @@ class KnobTable:
         merged.update(values)
         return self.validate(TileConfig.from_dict(merged))
 
+    def parse_key(self, key: str) -> TileConfig:
+        """The validated config a :attr:`TileConfig.key` names (``m128-n64-w8-s3-tma=1``); knobs the key
+        leaves out take their defaults. ValueError saying what was expected otherwise."""
+        parts = key.strip().split("-")
+        core = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), parts[:4]))
+        prefixes = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s"}
+        values: dict[str, KnobValue] = {}
+        expected = f"expected m<block_m>-n<block_n>-w<warps>-s<stages>[-knob=value...], got {key!r}"
+        for name, prefix in prefixes.items():
+            text = core.get(name, "")
+            if not (text.startswith(prefix) and text[1:].isdigit()):
+                raise ValueError(f"config key: {expected}")
+            values[name] = int(text[1:])
+        for part in parts[4:]:
+            name, sep, text = part.partition("=")
+            if not sep or name not in self.names or name in values:
+                raise ValueError(f"config key: {part!r} is not knob=value with a knob of {self.template!r}: {list(self.names)}")
+            default = self[name].default
+            if isinstance(default, bool):
+                if text not in ("0", "1", "true", "false"):
+                    raise ValueError(f"config key: knob {name!r} takes 0 or 1, got {text!r}")
+                values[name] = text in ("1", "true")
+            else:
+                try:
+                    values[name] = type(default)(text)
+                except ValueError:
+                    raise ValueError(f"config key: knob {name!r} takes {list(self[name].choices)}, got {text!r}") from None
+        return self.config(**values)
+
     def default_config(self) -> TileConfig:
         return self.config()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -373,6 +374,9 @@ def _failure(exc: BaseException) -> str:
     return f"{kind}: {name}: {first}"
 
 
+COMPILE_WAIT_S = 300.0  # longest wait for a compile worker's answer: a real compile takes seconds
+
+
 class KernelEvaluator:
     """Measures configs of one template's kernels for one bucket on one device (a GPU, or the interpreter).
 
@@ -425,7 +429,13 @@ class KernelEvaluator:
         if pending is None:
             return None
         try:
-            return pending.result()
+            return pending.result(timeout=COMPILE_WAIT_S)
+        except TimeoutError:
+            # A worker that has not answered in minutes is stuck, not slow (2026-11-22, H100: a backward
+            # tune hung at one bucket with every worker idle): give up on it, the launch compiles here.
+            warnings.warn(f"compile worker gave no answer for {config.key} in {COMPILE_WAIT_S:.0f} s; compiling in "
+                          "the tuning process instead", RuntimeWarning, stacklevel=2)  # fmt: skip
+            return None
         except Exception:  # the worker process died: the first launch compiles here instead
             return None
 

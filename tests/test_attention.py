@@ -48,6 +48,28 @@ def test_every_loop_structure_and_tile_shape_is_correct(device, dtype, split_mas
 
 
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("knobs", [{"tma": True}, {"warp_specialize": True}, {"tma": True, "warp_specialize": True}],
+                         ids=lambda k: "+".join(k))  # fmt: skip
+def test_hopper_knobs_are_correct(device, dtype, knobs):
+    config = table.config(block_m=32, block_n=16, num_warps=4, num_stages=2, **knobs)
+    for causal in CAUSAL:  # ragged lengths and a padded head dim: the copy engine's zero fill and clipping
+        result = run_case(Case(2, 4, 2, 45, 83, 48, dtype=dtype, causal=causal), device, config=config)
+        assert result.error <= result.tolerance, result
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_tma_config_runs_plain_loads_on_tensors_the_copy_engine_cannot_address(device, dtype):
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    wide = torch.randn(3, 1, 2, 40, 33, dtype=torch_dtype, device=device)
+    q, k, v = wide[..., :32].unbind(0)  # row stride 33 elements: not a multiple of 16 bytes
+    config = table.config(block_m=16, block_n=16, num_warps=4, num_stages=1, tma=True)
+    out = flashgen.attention(q, k, v, causal=True, config=config)
+    ref, _ = reference_attention(q, k, v, causal_offset=0)
+    same, _ = reference_attention(q, k, v, causal_offset=0, compute_dtype=torch_dtype)
+    assert relative_error(out, ref) <= tolerance(torch_dtype, relative_error(same, ref))
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 def test_strided_inputs_work_without_a_copy(device, dtype):
     result = run_case(Case(2, 4, 2, 50, 70, 32, dtype=dtype, causal="top_left", transposed=True), device)
     assert result.error <= result.tolerance, result

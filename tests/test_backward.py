@@ -138,6 +138,8 @@ BACKWARD_CONFIGS = [
     pytest.param({"block_m": 64, "block_n": 16}, id="m64-n16"),
     pytest.param({"block_m": 32, "block_n": 32, "atomic_dq": True}, id="m32-n32-atomic"),
     pytest.param({"block_m": 16, "block_n": 32, "atomic_dq": True}, id="m16-n32-atomic"),
+    pytest.param({"block_m": 16, "block_n": 32, "tma": True}, id="m16-n32-tma"),
+    pytest.param({"block_m": 32, "block_n": 16, "tma": True, "atomic_dq": True}, id="m32-n16-tma-atomic"),
 ]
 
 

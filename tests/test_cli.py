@@ -66,6 +66,11 @@ def test_bench_without_a_gpu_says_so(runner):
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output
 
 
+def test_bench_refuses_a_config_key_that_names_no_config(runner):
+    result = runner.invoke(main, ["bench", "--direction", "bwd", "--config", "m64-n64-w4-s2-split_masked=1"])
+    assert result.exit_code == 2 and "--config" in result.output and "split_masked" in result.output
+
+
 def test_generate_renders_the_backward_template_with_knobs_by_name(runner):
     result = runner.invoke(main, ["generate", "--head-dim", "80", "--template", "attn_bwd", "--knob", "block_m=32"])
     assert result.exit_code == 0, result.output

@@ -19,6 +19,8 @@ GOLDEN_CASES = {
     "d64-fp32-causal-nosplit": ("attn_fwd", Variant(64, "fp32", causal=True), table.config(split_masked=False)),
     "bwd-d80-fp16-causal-dropout": ("attn_bwd", Variant(80, "fp16", causal=True, dropout=True), knob_table("attn_bwd").default_config()),
     "bwd-d128-bf16-causal-atomic": ("attn_bwd", Variant(128, "bf16", causal=True), knob_table("attn_bwd").config(block_m=32, block_n=128, atomic_dq=True)),
+    "d96-bf16-causal-tma-ws": ("attn_fwd", Variant(96, "bf16", causal=True), table.config(tma=True, warp_specialize=True)),
+    "bwd-d64-fp16-tma": ("attn_bwd", Variant(64, "fp16"), knob_table("attn_bwd").config(tma=True)),
 }  # fmt: skip
 
 

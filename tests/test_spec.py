@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,7 +39,7 @@ def test_keys_are_readable_and_stable():
     # These strings name database entries and cache files: changing them orphans every stored result.
     assert Variant(80, "bf16", causal=True, dropout=True).key == "d80-bf16-causal-dropout"
     assert table.config(block_m=64, block_n=32, num_warps=4, num_stages=3, split_masked=False).key == (
-        "m64-n32-w4-s3-split_masked=0"
+        "m64-n32-w4-s3-split_masked=0-tma=0-warp_specialize=0"
     )
 
 
@@ -87,7 +89,7 @@ def test_config_rejects_bad_core_values(values, error, match):
 @pytest.mark.parametrize(
     "values, match",
     [
-        ({"tma": True}, "unknown knob"),
+        ({"atomic_dq": True}, "unknown knob"),  # a knob of the backward template only
         ({"block_m": 512}, "must be one of"),
         ({"split_masked": 1}, "must be one of"),  # an int where the table declares a bool
     ],
@@ -105,6 +107,25 @@ def test_knob_table_declares_the_core_knobs_and_spans_their_product():
     all_configs = list(table.all_configs())
     assert len(all_configs) == expected == len(set(all_configs))
     assert table.default_config() == table.config()
+
+
+@pytest.mark.parametrize("template", ["attn_fwd", "attn_bwd"])
+def test_config_keys_parse_back_to_their_config(template):
+    knobs = knob_table(template)
+    for config in itertools.islice(knobs.all_configs(), 0, None, 97):
+        assert knobs.parse_key(config.key) == config
+    assert knobs.parse_key("m32-n16-w2-s1") == knobs.config(block_m=32, block_n=16, num_warps=2, num_stages=1)
+
+
+@pytest.mark.parametrize(
+    "key, match",
+    [("m128-n64", "expected m<block_m>"), ("m128-n64-s3-w8", "expected m<block_m>"), ("m128-n64-w8-s3-bogus=1", "bogus"),
+     ("m128-n64-w8-s3-tma=2", "takes 0 or 1"), ("m128-n64-w8-s3-tma", "not knob=value"), ("m96-n64-w8-s3", "power of two"),
+     ("m128-n64-w8-s3-num_warps=4", "not knob=value")],
+)  # fmt: skip
+def test_config_keys_that_name_no_valid_config_are_refused(key, match):
+    with pytest.raises(ValueError, match=match):
+        table.parse_key(key)
 
 
 @pytest.mark.parametrize("alignment, n_q, n_k, expected", [("top_left", 5, 9, 0), ("bottom_right", 5, 9, 4), ("bottom_right", 9, 5, -4)])
