@@ -98,3 +98,15 @@ def test_bench_plots_a_saved_run_without_a_gpu(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     result = CliRunner().invoke(main, ["bench", "--from-json", str(saved)])
     assert result.exit_code == 2 and "--png" in result.output
+
+
+def test_a_plot_gives_every_forced_config_its_own_line():
+    from flashgen.plot import PEER_STYLES, _styles
+
+    saved = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "2026-11-22-h200-sweep-fwd-knobs.json"
+    results = json.loads(saved.read_text())
+    styles = _styles(results)
+    forced = [p for p in results[0]["measurements"] if p.startswith("config:")]
+    assert len(forced) == 8 and all(p in styles for p in forced)
+    assert len({styles[p] for p in styles}) == len(styles)  # no two lines look alike
+    assert all(styles[p] == PEER_STYLES[p] for p in styles if p in PEER_STYLES)
