@@ -26,6 +26,16 @@ def import_triton() -> ModuleType:
     return triton
 
 
+@cache
+def tensor_descriptor_type() -> type:
+    """Triton's host-side tensor descriptor (``triton.tools.tensor_descriptor.TensorDescriptor``), the
+    argument a kernel loads through TMA from."""
+    import_triton()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor
+
+
 _interpreter: bool | None = None  # a module global, not functools.cache: torch.compile traces a global read
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 
 from flashgen.codegen import BACKWARD, FORWARD, kernel_module
+from flashgen.device import tensor_descriptor_type
 from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
 
 LOG2E = 1.4426950408889634
@@ -15,7 +16,7 @@ LOG2E = 1.4426950408889634
 
 def uses_tma(config: TileConfig) -> bool:
     """Whether ``config`` asks for tensor-descriptor (TMA) loads (a knob some templates declare)."""
-    return bool(config.to_dict().get("tma", False))
+    return any(name == "tma" and value for name, value in config.extra)
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
@@ -30,9 +31,7 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 
 def _descriptor(t: torch.Tensor, rows: int, head_dim_padded: int):
     """A 4-D tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, head_dim_padded)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim_padded])
+    return tensor_descriptor_type()(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim_padded])
 
 
 def without_tma(config: TileConfig) -> TileConfig:
@@ -205,12 +204,12 @@ def attention_backward(
     )
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
-    inputs = (q, k, v, grad_out)
-    if uses_tma(config) and not tma_ready(*inputs):  # the same tiles through plain loads
-        config = without_tma(config)
+    inputs, tma = (q, k, v, grad_out), uses_tma(config)
+    if tma and not tma_ready(*inputs):  # the same tiles through plain loads
+        config, tma = without_tma(config), False
         module = kernel_module(BACKWARD, variant, config)
     key_blocks = (math.ceil(n_k / config.block_n), heads_kv, batch)
-    key_block_inputs = _backward_inputs(config, inputs, config.block_m, config.block_n, variant.head_dim_padded)
+    key_block_inputs = _backward_inputs(tma, inputs, config.block_m, config.block_n, variant.head_dim_padded)
     if config["atomic_dq"]:
         dq_acc = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
         module.attn_bwd_dkdv[key_blocks](
@@ -220,15 +219,15 @@ def attention_backward(
     dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
     module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch)
     query_blocks = (math.ceil(n_q / config.block_n), heads_q, batch)  # the dQ kernel's tiles are swapped
-    query_block_inputs = _backward_inputs(config, inputs, config.block_n, config.block_m, variant.head_dim_padded)
+    query_block_inputs = _backward_inputs(tma, inputs, config.block_n, config.block_m, variant.head_dim_padded)
     module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
     return dq, dk, dv
 
 
-def _backward_inputs(config: TileConfig, inputs, query_rows: int, key_rows: int, head_dim_padded: int) -> list:
-    """q, k, v and dO as a backward kernel takes them: the tensors, or with the ``tma`` knob, descriptors
-    whose boxes are ``query_rows`` (q, dO) or ``key_rows`` (k, v) rows."""
-    if not uses_tma(config):
+def _backward_inputs(tma: bool, inputs, query_rows: int, key_rows: int, head_dim_padded: int) -> list:
+    """q, k, v and dO as a backward kernel takes them: the tensors, or with ``tma``, descriptors whose boxes
+    are ``query_rows`` (q, dO) or ``key_rows`` (k, v) rows."""
+    if not tma:
         return list(inputs)
     rows = (query_rows, key_rows, key_rows, query_rows)
     return [_descriptor(t, r, head_dim_padded) for t, r in zip(inputs, rows)]
@@ -261,8 +260,8 @@ def compile_backward(
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
     key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)
-    d = variant.head_dim_padded
-    key_block_inputs = _backward_inputs(config, (q, kv, kv, q), config.block_m, config.block_n, d)
+    d, tma = variant.head_dim_padded, uses_tma(config)
+    key_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_m, config.block_n, d)
     if config["atomic_dq"]:
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
         module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), dq_acc,
@@ -271,6 +270,6 @@ def compile_backward(
     module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), *common, grid=key_grid,
                                 **launch)  # fmt: skip
     query_grid = (math.ceil(n_q / config.block_n), heads_q, batch)
-    query_block_inputs = _backward_inputs(config, (q, kv, kv, q), config.block_n, config.block_m, d)
+    query_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_n, config.block_m, d)
     module.attn_bwd_dq.warmup(*query_block_inputs, q, rows, rows, *strides, *q.stride(), *common, grid=query_grid,
                               **launch)  # fmt: skip
