@@ -69,6 +69,10 @@ class ForwardLaunch:
             lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
         if out.numel() == 0:
             return out, lse
+        if scale < 0:
+            # The kernel scales row maxima rather than scores, which needs scale >= 0; (-q)·k with -scale gives
+            # the same scores.
+            q, scale = -q, -scale
         if self.tma and not tma_ready(q, k, v, out):
             if self._plain is None:
                 self._plain = ForwardLaunch(*self._plain_args)
@@ -199,8 +203,9 @@ def attention_backward(
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)  # lse in log2 units
     module.attn_bwd_preprocess[(math.ceil(n_q / config.block_m), heads_q, batch)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch
+        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch
     )
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
@@ -213,14 +218,14 @@ def attention_backward(
     if config["atomic_dq"]:
         dq_acc = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
         module.attn_bwd_dkdv[key_blocks](
-            *key_block_inputs, dk, dv, lse, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
+            *key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
         )
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse, delta, *strides, *dk.stride(), *common, **launch)
+    module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, **launch)
     query_blocks = (math.ceil(n_q / config.block_n), heads_q, batch)  # the dQ kernel's tiles are swapped
     query_block_inputs = _backward_inputs(tma, inputs, config.block_n, config.block_m, variant.head_dim_padded)
-    module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, lse, delta, *strides, *dq.stride(), *common, **launch)
+    module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, lse2, delta, *strides, *dq.stride(), *common, **launch)
     return dq, dk, dv
 
 
@@ -256,7 +261,7 @@ def compile_backward(
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-    module.attn_bwd_preprocess.warmup(q, q, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid, **launch)
+    module.attn_bwd_preprocess.warmup(q, q, rows, rows, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid, **launch)
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
     key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)

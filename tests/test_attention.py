@@ -92,6 +92,25 @@ def test_public_api_scale_lse_and_layout(device, dtype):
 
 
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("scale", [-1.0, 0.0])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_negative_and_zero_scales(device, dtype, scale, causal):
+    # The kernel scales row maxima rather than scores in its mask-free steps, which holds only for scale >= 0:
+    # with a negative one the running "maximum" would be a minimum, and these scores (|s| up to ~200) would
+    # overflow exp2. Small tiles give these lengths mask-free steps as well as masked ones.
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    q = 8 * torch.randn(1, 2, 50, 32, device=device)
+    q, k, v = (t.to(torch_dtype) for t in (q, *torch.randn(2, 1, 2, 70, 32, device=device)))
+    config = table.config(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    out, lse = flashgen.attention(q, k, v, scale=scale, causal=causal, config=config, return_lse=True)
+    offset = 0 if causal else None
+    ref, ref_lse = reference_attention(q, k, v, scale=scale, causal_offset=offset)
+    same, _ = reference_attention(q, k, v, scale=scale, causal_offset=offset, compute_dtype=torch_dtype)
+    assert relative_error(out, ref) <= tolerance(torch_dtype, relative_error(same, ref))
+    assert torch.allclose(lse.double().cpu(), ref_lse.cpu(), atol=1e-4)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 def test_dropout_matches_reference_with_the_kernels_mask(device, dtype):
     result = run_case(Case(2, 2, 1, 70, 90, 40, dtype=dtype, causal="top_left", dropout_p=0.3), device)
     assert result.error <= result.tolerance, result

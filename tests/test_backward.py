@@ -73,6 +73,19 @@ def test_dropout_gradients_use_the_forwards_mask(device, dtype, atomic_dq):
 
 
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_gradients_with_a_negative_scale(device, dtype):
+    # The forward runs (-q, -scale) for a negative scale; the gradients must still be those of (q, scale).
+    torch_dtype = TORCH_DTYPES[dtype]
+    q = (4 * torch.randn(1, 2, 40, 32, device=device)).to(torch_dtype).requires_grad_()
+    k, v = (_leaf((1, 2, 56, 32), torch_dtype, device) for _ in range(2))
+    config = knob_table("attn_fwd").config(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    out = flashgen.attention(q, k, v, scale=-1.0, causal=True, config=config)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    _check(q, k, v, out, grad, causal_offset=0, scale=-1.0)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 def test_gradients_are_deterministic(device, dtype):
     torch_dtype = TORCH_DTYPES[dtype]
     q = _leaf((1, 4, 45, 64), torch_dtype, device)
