@@ -79,8 +79,8 @@ def _run_tool(tool: str, suffix: str, data: bytes | str, *args: str) -> subproce
 def resource_usage(compiled) -> str:
     """ptxas's line on registers, stack and spills."""
     result = _run_tool("ptxas", ".ptx", compiled.asm["ptx"], "-arch=sm_90a", "-v", "-o", "/dev/null")
-    lines = [line.split("info    :")[-1].strip() for line in result.stderr.splitlines() if "registers" in line or "spill" in line]
-    return "; ".join(lines)
+    lines = [line.split("info    :")[-1].strip() for line in result.stderr.splitlines()]
+    return "; ".join(line for line in lines if "registers" in line or "spill" in line)
 
 
 def loop_opcodes(compiled) -> list[collections.Counter]:

@@ -261,7 +261,8 @@ def compile_backward(
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-    module.attn_bwd_preprocess.warmup(q, q, rows, rows, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid, **launch)
+    module.attn_bwd_preprocess.warmup(q, q, rows, rows, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid,
+                                      **launch)  # fmt: skip
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
     key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)
