@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 LOG2E = 1.4426950408889634
-CONSUMERS = 2  # warp groups of ROWS query rows each; three (BLOCK_M 192) spilled hundreds of bytes at D=64
+CONSUMERS = 2  # warp groups of ROWS query rows each, as the kernel is written; three (BLOCK_M 192) spilled at D=64
 ROWS = 64
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 24

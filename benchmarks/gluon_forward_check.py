@@ -4,7 +4,8 @@
    memory layout, against a float64 reference; outputs are poisoned with NaN first. Output: relative Frobenius
    error; lse: largest absolute error.
 2. Speed: the grid of issue 6 (16k tokens, hidden 2048, bf16) in one process on the same inputs: each Gluon
-   config, flashgen as dispatched (the shipped or FLASHGEN_DB cache), SDPA cuDNN and SDPA flash (FA2).
+   config and the peers of ``flashgen bench`` (flashgen as dispatched from the shipped or FLASHGEN_DB cache,
+   SDPA cuDNN, SDPA flash = FA2, compiled FlexAttention), called as ``flashgen bench`` calls them.
    TFLOP/s from ``triton.testing.do_bench`` medians; 4·B·H·N²·D forward FLOPs, halved when causal.
 
     python benchmarks/gluon_forward_check.py --out results/   # writes correctness.json and bench.json there
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -20,13 +22,14 @@ from pathlib import Path
 
 import torch
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gluon_forward  # noqa: E402
 
-import flashgen  # noqa: E402
+from flashgen.bench import _peer_call, points  # noqa: E402
+
+PEERS = ("flashgen", "cudnn", "flash", "flex")  # flashgen as dispatched; SDPA's backends; compiled FlexAttention
 
 CHECK_SHAPES = [(2, 3, 1024, 64), (1, 2, 1000, 64), (2, 2, 777, 128), (1, 1, 64, 128)]
 CHECK_CONFIGS = [{"block_n": 128, "stages": 3}, {"block_n": 128, "stages": 3, "pingpong": True},
@@ -78,30 +81,20 @@ def check() -> list[dict]:
 
 def bench() -> list[dict]:
     table = []
-    for head_dim in (64, 128):
-        for causal in (False, True):
-            for n in (1024, 4096, 16384):
-                batch, heads = 16384 // n, 2048 // head_dim
-                shape = (batch, heads, n, head_dim)
-                q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                flops = 4 * batch * heads * n * n * head_dim / (2 if causal else 1)
-                calls = {f"gluon {config_label(c)}": (lambda c=c: gluon_forward.attention(q, k, v, causal=causal, **c),
-                                                      None)
-                         for c in BENCH_CONFIGS[head_dim]}
-                calls["flashgen"] = (lambda: flashgen.attention(q, k, v, causal=causal), None)
-                sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                calls["cudnn"] = (sdpa, SDPBackend.CUDNN_ATTENTION)
-                calls["fa2"] = (sdpa, SDPBackend.FLASH_ATTENTION)
-                row = {"head_dim": head_dim, "causal": causal, "seqlen": n, "tflops": {}}
-                for name, (fn, backend) in calls.items():
-                    if backend is None:
-                        ms = triton.testing.do_bench(fn, warmup=25, rep=100)
-                    else:
-                        with sdpa_kernel(backend):
-                            ms = triton.testing.do_bench(fn, warmup=25, rep=100)
-                    row["tflops"][name] = flops / ms / 1e9
-                table.append(row)
-                print(json.dumps(row), flush=True)
+    for point in points((64, 128), (1024, 4096, 16384), (False, True), "bf16"):
+        q, k, v = (torch.randn(point.batch, point.heads, point.seqlen, point.head_dim, device="cuda",
+                               dtype=torch.bfloat16) for _ in range(3))
+        calls = {f"gluon {config_label(c)}": (lambda c=c: gluon_forward.attention(q, k, v, causal=point.causal, **c),
+                                              contextlib.nullcontext())
+                 for c in BENCH_CONFIGS[point.head_dim]}
+        for peer in PEERS:
+            calls[peer] = _peer_call(peer, point, q, k, v)
+        row = {"head_dim": point.head_dim, "causal": point.causal, "seqlen": point.seqlen, "tflops": {}}
+        for name, (fn, context) in calls.items():
+            with context:
+                row["tflops"][name] = point.flops / triton.testing.do_bench(fn, warmup=25, rep=100) / 1e9
+        table.append(row)
+        print(json.dumps(row), flush=True)
     return table
 
 
@@ -110,12 +103,13 @@ def print_table(table: list[dict]) -> None:
         rows = [r for r in table if r["head_dim"] == head_dim]
         names = list(rows[0]["tflops"])
         print(f"\nD={head_dim}  causal seqlen " + " ".join(f"{n:>16}" for n in names)
-              + "  best gluon vs: cudnn  fa2   flashgen")
+              + "  best gluon vs: cudnn   fa2  flex flashgen")
         for r in rows:
             t = r["tflops"]
             best = max(v for n, v in t.items() if n.startswith("gluon"))
+            ratios = " ".join(f"{best / t[peer]:5.2f}" for peer in ("cudnn", "flash", "flex", "flashgen"))
             print(f"      {r['causal']!s:<6} {r['seqlen']:<6} " + " ".join(f"{t[n]:16.1f}" for n in names)
-                  + f"  {best / t['cudnn']:17.2f} {best / t['fa2']:5.2f} {best / t['flashgen']:6.2f}")
+                  + f"  {'':12}{ratios}")
 
 
 def main() -> None:
