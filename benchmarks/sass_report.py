@@ -3,6 +3,7 @@ loop, from Triton's sm_90 compiler and the ptxas/cuobjdump that ship with Triton
 
     python benchmarks/sass_report.py attn_fwd 64 m128-n64-w8-s3
     python benchmarks/sass_report.py attn_bwd 128 m64-n64-w4-s2-tma=1 --causal --kernel attn_bwd_dkdv
+    python benchmarks/sass_report.py attn_fwd_sm90 128 m128-n128-w4-s3-pingpong=1
 
 Instruction counts are per thread and per trip of a loop (each warp issues them all). The kernel is compiled
 as a launch from PyTorch would specialise it: unit head-dim strides, 16-divisible pointers, strides and
@@ -29,7 +30,7 @@ from flashgen.codegen import kernel_module  # noqa: E402
 from flashgen.spec import Variant, knob_table  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-KERNELS = {"attn_fwd": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"]}
+KERNELS = {"attn_fwd": ["attn_fwd"], "attn_fwd_sm90": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"]}
 ELEMENT_POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FLOAT32_POINTERS = {"Lse", "Lse2", "Delta", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -47,6 +48,8 @@ def descriptor_rows(template: str, kernel: str, config) -> dict[str, int]:
 
 
 def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
+    if template == "attn_fwd_sm90":
+        return _compile_gluon_forward(variant, config)
     fn = getattr(kernel_module(template, variant, config), kernel)
     rows = descriptor_rows(template, kernel, config)
     signature, constexprs, attrs = {}, {}, {}
@@ -67,6 +70,27 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _compile_gluon_forward(variant: Variant, config):
+    """attn_fwd_sm90 (Gluon) with the descriptors :class:`flashgen.launch.Sm90ForwardLaunch` builds."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from flashgen.launch import Sm90ForwardLaunch
+
+    launch = Sm90ForwardLaunch(variant, config, (1, 1, 1024, variant.head_dim), (1, 1, 1024, variant.head_dim))
+    (q_box, q_layout), (kv_box, kv_layout) = launch.descriptor_specs
+    q_desc = f"tensordesc<{variant.dtype}[{', '.join(map(str, q_box))}],{q_layout!r}>"
+    kv_desc = f"tensordesc<{variant.dtype}[{', '.join(map(str, kv_box))}],{kv_layout!r}>"
+    signature = {"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "Lse": "*fp32",
+                 "qk_scale": "fp32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32"}
+    if variant.causal:
+        signature["causal_offset"] = "i32"
+    assert list(signature) == launch.kernel.arg_names, f"the kernel's arguments changed: {launch.kernel.arg_names}"
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("Lse", "N_Q", "N_K")}
+    source = GluonASTSource(launch.kernel, signature, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
 def _run_tool(tool: str, suffix: str, data: bytes | str, *args: str) -> subprocess.CompletedProcess:

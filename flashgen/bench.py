@@ -22,7 +22,7 @@ from flashgen.device import device_info
 from flashgen.defaults import default_backward_config, default_config
 from flashgen.ops import attention, explain
 from flashgen.reference import reference_attention, relative_error
-from flashgen.spec import BACKWARD, FORWARD, TORCH_DTYPES, TileConfig, Variant, knob_table
+from flashgen.spec import BACKWARD, FORWARD, FORWARD_TEMPLATES, TORCH_DTYPES, TileConfig, Variant, knob_table
 from flashgen.timing import attention_flops, median_ms, tflops
 
 PEERS = ("flashgen", "default", "cudnn", "flash", "efficient", "flex")  # flashgen: as dispatched; default: its default configs
@@ -105,10 +105,21 @@ def _defaults(point: Point, device) -> tuple[TileConfig, TileConfig]:
 
 
 def config_peer(key: str, *, backward: bool) -> str:
-    """The peer name that runs flashgen with the tile config ``key`` (of the backward template when
-    ``backward``: the forward is then dispatched as usual). ValueError if the key is not a valid config."""
-    knob_table(BACKWARD if backward else FORWARD).parse_key(key)
+    """The peer name that runs flashgen with the tile config ``key``: ``[template:]config key``, of attn_fwd
+    when no forward template is named (of the backward template when ``backward``: the forward is then
+    dispatched as usual). ValueError if the key is not a valid config."""
+    _parse_config_key(key, backward=backward)
     return CONFIG_PEER + key
+
+
+def _parse_config_key(text: str, *, backward: bool) -> TileConfig:
+    template, sep, key = text.rpartition(":")
+    if not sep:
+        template = BACKWARD if backward else FORWARD
+    allowed = (BACKWARD,) if backward else FORWARD_TEMPLATES
+    if template not in allowed:
+        raise ValueError(f"config {text!r}: the template must be one of {list(allowed)}, got {template!r}")
+    return knob_table(template).parse_key(key)
 
 
 def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Tensor], contextlib.AbstractContextManager]:
@@ -118,7 +129,7 @@ def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Ten
         forward, backward = _defaults(point, q.device)
         return (lambda: attention(q, k, v, causal=point.causal, config=forward, backward_config=backward)), contextlib.nullcontext()
     if peer.startswith(CONFIG_PEER):
-        config = knob_table(BACKWARD if point.backward else FORWARD).parse_key(peer[len(CONFIG_PEER):])
+        config = _parse_config_key(peer[len(CONFIG_PEER):], backward=point.backward)
         forced = {"backward_config" if point.backward else "config": config}
         return (lambda: attention(q, k, v, causal=point.causal, **forced)), contextlib.nullcontext()
     if peer in ("cudnn", "flash", "efficient"):
@@ -151,7 +162,8 @@ def _config_label(peer: str, point: Point, q: torch.Tensor) -> str | None:
     if peer == "flashgen":
         why = explain(q, q, q, causal=point.causal)
         choice = why.backward if point.backward else why.forward
-        return f"{choice.config.key} ({choice.kind})"
+        named = choice.config.key if choice.template in (FORWARD, BACKWARD) else f"{choice.template}:{choice.config.key}"
+        return f"{named} ({choice.kind})"
     return None
 
 
@@ -263,11 +275,13 @@ def _direct_launch(q, k, v, causal: bool) -> Callable[[], torch.Tensor]:
     """What a hand-written wrapper around flashgen's generated kernel does per call: allocate the outputs,
     pass strides, launch (the kernel and its config resolved once, beforehand)."""
     from flashgen.codegen import kernel_module
-    from flashgen.launch import LOG2E
-    from flashgen.spec import FORWARD
+    from flashgen.launch import LOG2E, Sm90ForwardLaunch
 
     why = explain(q, k, v, causal=causal)
     config, variant = why.forward.config, why.forward.bucket.variant
+    if why.forward.template != FORWARD:  # attn_fwd_sm90: its launch object is the whole wrapper
+        launch = Sm90ForwardLaunch(variant, config, q.shape, k.shape)
+        return lambda: launch(q, k, v, 1.0 / math.sqrt(q.shape[3]))[0]
     kernel = kernel_module(FORWARD, variant, config).attn_fwd
     batch, heads, n, _ = q.shape
     grid = (math.ceil(n / config.block_m), heads, batch)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from flashgen.device import DeviceInfo, device_info
-from flashgen.defaults import default_backward_config, default_config
+from flashgen.defaults import default_backward_config, default_for
 from flashgen.launch import attention_backward, attention_forward, dropout_keep_mask
 from flashgen.ops import draw_dropout_seed
 from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
-from flashgen.spec import TORCH_DTYPES, TileConfig, Variant, causal_offset
+from flashgen.spec import FORWARD, FORWARD_SM90, TORCH_DTYPES, TileConfig, Variant, causal_offset, knob_table
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Case:
     causal: str | None = None  # None, "top_left" or "bottom_right"
     dropout_p: float = 0.0
     transposed: bool = False  # q, k, v as (B, N, H, D) tensors viewed as (B, H, N, D): non-contiguous
+    template: str = FORWARD  # the forward template that runs it
 
     @property
     def variant(self) -> Variant:
@@ -42,7 +43,8 @@ class Case:
     @property
     def label(self) -> str:
         shape = f"B{self.batch} H{self.heads_q}/{self.heads_kv} N{self.n_q}x{self.n_k}"
-        opts = [self.causal or "", f"p={self.dropout_p}" if self.dropout_p else "", "strided" if self.transposed else ""]
+        opts = [self.causal or "", f"p={self.dropout_p}" if self.dropout_p else "", "strided" if self.transposed else "",
+                self.template if self.template != FORWARD else ""]  # fmt: skip
         return " ".join([self.variant.key, shape, *filter(None, opts)])
 
 
@@ -78,11 +80,12 @@ def random_inputs(case: Case, device: torch.device | str) -> tuple[torch.Tensor,
 
 
 def run_case(case: Case, device: torch.device | str, config: TileConfig | None = None, *, gradients: bool = False) -> Result:
-    """Run the forward kernel of ``case`` (and with ``gradients`` the backward kernels, with their default
-    config) on fresh inputs and compare with the float64 reference."""
+    """Run the forward kernel of ``case`` (its template's default config unless ``config`` is given; with
+    ``gradients`` also the backward kernels, with their default config) on fresh inputs and compare with the
+    float64 reference."""
     info: DeviceInfo = device_info(device)
     variant = case.variant
-    config = config or default_config(variant, info)
+    config = config or default_for(case.template, variant, info)
     q, k, v = random_inputs(case, device)
     offset = causal_offset(case.causal, case.n_q, case.n_k) if case.causal else None
     seed = draw_dropout_seed() if case.dropout_p else 0
@@ -91,7 +94,7 @@ def run_case(case: Case, device: torch.device | str, config: TileConfig | None =
     start = time.perf_counter()
     attention_forward(
         q, k, v, variant=variant, config=config, scale=1.0 / math.sqrt(case.head_dim),
-        causal_offset=offset or 0, dropout_p=case.dropout_p, seed=seed, out=out, lse=lse,
+        causal_offset=offset or 0, dropout_p=case.dropout_p, seed=seed, out=out, lse=lse, template=case.template,
     )  # fmt: skip
     if q.is_cuda:
         torch.cuda.synchronize()
@@ -155,4 +158,8 @@ def default_cases(info: DeviceInfo) -> list[Case]:
         ]
     if not info.interpreter:
         cases += [Case(2, 8, 2, 1000, 1000, 256, "bf16", causal="top_left"), Case(1, 4, 4, 512, 2048, 192, "fp16")]
+        # Hopper's own forward, on the cases it can run.
+        support = knob_table(FORWARD_SM90).supports
+        cases += [replace(case, template=FORWARD_SM90) for case in cases
+                  if support.refusal(case.variant, info.capability) is None]  # fmt: skip
     return cases

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flashgen.codegen import FORWARD
-from flashgen.spec import DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, Knob, TileConfig, Variant, knob_table
+from flashgen.spec import DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, TEMPLATES, Knob, TileConfig, Variant, knob_table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -65,14 +65,16 @@ def main() -> None:
 @main.command()
 @_variant_options
 @_knob_options
-@click.option("--template", type=click.Choice(["attn_fwd", "attn_bwd"]), default="attn_fwd", show_default=True,
-              help="The forward kernel, or the backward's three kernels.")  # fmt: skip
+@click.option("--template", type=click.Choice(list(TEMPLATES)), default="attn_fwd", show_default=True,
+              help="The forward kernel (attn_fwd: Triton, any GPU; attn_fwd_sm90: Gluon, Hopper only), or the "
+                   "backward's three kernels.")  # fmt: skip
 @click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
-              help="Set a knob of --template by name (the only way for attn_bwd; its knobs: templates/attn_bwd.toml).")  # fmt: skip
+              help="Set a knob of --template by name (the only way for attn_fwd_sm90 and attn_bwd; their knobs: "
+                   "templates/<template>.toml).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the source here instead of stdout.")
 def generate(head_dim: int, dtype: str, causal: bool, dropout: bool, template: str, knob_items: tuple[str, ...],
              output: Path | None, **knobs) -> None:  # fmt: skip
-    """Print the Triton source for a variant and tile config.
+    """Print the Triton (or, for attn_fwd_sm90, Gluon) source for a variant and tile config.
 
     Knobs left out take the template's defaults (templates/<template>.toml). The --block-m ... flags set the
     forward template's knobs; --knob NAME=VALUE sets any template's.
@@ -116,10 +118,14 @@ def check(as_json: bool, no_backward: bool) -> None:
     else:
         err_console.print(f"Running on {info.name} (sm{info.capability[0]}{info.capability[1]}).")
     results = []
+    cases = default_cases(info)
     with console.status("checking") as status:
-        for case in default_cases(info):
+        for number, case in enumerate(cases, 1):
             status.update(f"checking {case.label}")
             results.append(run_case(case, device, gradients=not no_backward))
+            r = results[-1]  # a line per case as it finishes: the first compiles of each kernel take seconds on a GPU
+            err_console.print(f"[{number}/{len(cases)}] {'ok' if r.ok else 'FAILED'} {case.label}: error {r.error:.2e} "
+                              f"(tolerance {r.tolerance:.2e}), {r.config.key}", highlight=False)  # fmt: skip
     if as_json:
         click.echo(json.dumps([
             {"case": r.case.label, "config": r.config.key, "error": r.error, "torch_error": r.torch_error,
@@ -223,8 +229,9 @@ def _print_sram_model_error(rows: list[dict]) -> None:
               default=("default", "cudnn", "flash", "efficient", "flex"), show_default=True,
               help="Kernels to compare against (default: flashgen with its default configs instead of dispatch's).")  # fmt: skip
 @click.option("--config", "config_keys", multiple=True, metavar="KEY",
-              help="Also run flashgen forced to this tile config, e.g. m128-n64-w8-s3-tma=1 (repeatable; knobs left "
-                   "out take their defaults; a backward config with --direction bwd).")  # fmt: skip
+              help="Also run flashgen forced to this tile config, e.g. m128-n64-w8-s3-tma=1, or one of another "
+                   "template, attn_fwd_sm90:m128-n128-w4-s3 (repeatable; knobs left out take their defaults; a "
+                   "backward config with --direction bwd).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
@@ -395,7 +402,10 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--time-budget", type=click.FloatRange(min=1), help="Seconds per bucket at most.")
 @click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True, help="Stop a bucket after this many measured configs without improvement.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd", "both"]), default="fwd", show_default=True,
-              help="Tune the forward kernel, the backward kernels (their own knob table and entries), or both.")  # fmt: skip
+              help="Tune the forward kernels (attn_fwd, and attn_fwd_sm90 on Hopper for what it runs), the backward "
+                   "kernels (their own knob table and entries), or both.")  # fmt: skip
+@click.option("--template", "only_templates", type=click.Choice(list(TEMPLATES)), multiple=True,
+              help="Tune only these templates (instead of --direction).")  # fmt: skip
 @click.option("--exhaustive", is_flag=True, help="Measure the whole pruned space (how the sampler is judged).")
 @click.option("--space", "space_items", multiple=True, metavar="KNOB=V1,V2", help="Restrict a knob to these values (repeatable).")
 @click.option("--sram-budget", type=click.IntRange(min=1), help="Shared-memory budget in bytes [default: the device's limit].")
@@ -404,7 +414,7 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @_DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, direction,
-         exhaustive, space_items, sram_budget, seed, compile_workers, db_url, as_json) -> None:  # fmt: skip
+         only_templates, exhaustive, space_items, sram_budget, seed, compile_workers, db_url, as_json) -> None:  # fmt: skip
     """Search tile configs for shape buckets on this GPU and store the winners in the tuning database.
 
     Each bucket is tuned by timing its representative shape; every candidate is checked against a float64
@@ -440,11 +450,22 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
         too_big = [b.key for b in buckets if b.n_q * b.n_k * b.batch_heads > 64 * 64 * 64 or "bf16" in b.key]
         if too_big:
             raise click.UsageError(f"too large (or bf16) for the interpreter: {too_big[:3]}...; use --preset tiny or a GPU")
-    from flashgen.spec import BACKWARD
+    from flashgen.spec import BACKWARD, FORWARD_TEMPLATES
+    from flashgen.tuning import refusal
 
-    templates = {"fwd": [FORWARD], "bwd": [BACKWARD], "both": [FORWARD, BACKWARD]}[direction]
+    if only_templates:
+        templates = list(dict.fromkeys(only_templates))
+    else:
+        forward = [FORWARD] + [t for t in FORWARD_TEMPLATES[1:] if any(refusal(t, b, info) is None for b in buckets)]
+        templates = {"fwd": forward, "bwd": [BACKWARD], "both": [*forward, BACKWARD]}[direction]
     if space_items and len(templates) > 1:
-        raise click.UsageError("--space names knobs of one template: use it with --direction fwd or bwd")
+        raise click.UsageError(f"--space names knobs of one template, and this run tunes {', '.join(templates)}: "
+                               "name one with --template")  # fmt: skip
+    for template in templates:
+        refused = [(b.key, why) for b in buckets if (why := refusal(template, b, info)) is not None]
+        if refused:
+            err_console.print(f"[yellow]{template} skips {len(refused)} of {len(buckets)} bucket(s): it cannot run "
+                              f"{refused[0][1]}{' (and others)' if len(refused) > 1 else ''}.[/]")  # fmt: skip
     options = [TuneOptions(
         template=template, budget=Budget(trials=trials, seconds=time_budget, patience=patience), exhaustive=exhaustive,
         seed=seed, sram_budget=sram_budget, restrict=_parse_space(space_items, template), compile_workers=compile_workers,
@@ -458,7 +479,8 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
                TimeRemainingColumn(), TextColumn("{task.fields[best]}"))  # fmt: skip
     interrupted = False
     with Progress(*columns, console=err_console, transient=False) as progress:
-        overall = progress.add_task("buckets", total=len(buckets) * len(templates), best="")
+        runnable = sum(refusal(t, b, info) is None for t in templates for b in buckets)
+        overall = progress.add_task("buckets", total=runnable, best="")
         current = {"task": None, "template": FORWARD}
 
         def on_bucket_start(bucket, space_size):

@@ -19,19 +19,20 @@ import json
 import torch
 
 from flashgen.dispatch import backward_choice
-from flashgen.launch import attention_backward, attention_forward
-from flashgen.spec import BACKWARD, FORWARD, TileConfig, knob_table
+from flashgen.launch import attention_backward
+from flashgen.spec import TileConfig
 
 
-def _config(template: str, text: str) -> TileConfig | None:
-    return None if text is None else knob_table(template).validate(TileConfig.from_dict(json.loads(text)))
+def _config(text: str | None) -> TileConfig | None:
+    """A config passed as JSON (validated against its template by ``plan_call``)."""
+    return None if text is None else TileConfig.from_dict(json.loads(text))
 
 
 def _plan(q, k, v, causal, causal_alignment, scale, config, backward_config, deterministic):
     from flashgen.ops import plan_call
 
-    return plan_call(q, k, v, None, causal, causal_alignment, 0.0, scale, _config(FORWARD, config),
-                     _config(BACKWARD, backward_config), deterministic)  # fmt: skip
+    return plan_call(q, k, v, None, causal, causal_alignment, 0.0, scale, _config(config), _config(backward_config),
+                     deterministic)  # fmt: skip
 
 
 @torch.library.custom_op("flashgen::attention_forward", mutates_args=())
@@ -42,8 +43,7 @@ def attention_forward_op(
     """out (B, Hq, Nq, D) and lse (B, Hq, Nq) float32. config / backward_config: a forced tile config as
     JSON, or None for dispatch's choice; scale None: 1/sqrt(D)."""
     plan = _plan(q, k, v, causal, causal_alignment, None, config, backward_config, deterministic)
-    return attention_forward(q, k, v, variant=plan.variant, config=plan.forward.config,
-                             scale=plan.default_scale if scale is None else scale, causal_offset=plan.offset)  # fmt: skip
+    return plan.launch(q, k, v, plan.default_scale if scale is None else scale)
 
 
 @attention_forward_op.register_fake
@@ -60,7 +60,7 @@ def attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """dq, dk, dv for :func:`attention_forward_op`'s arguments."""
     plan = _plan(q, k, v, causal, causal_alignment, None, config, backward_config, deterministic)
-    choice = backward_choice(plan.bucket, plan.device, _config(BACKWARD, backward_config), deterministic=deterministic)
+    choice = backward_choice(plan.bucket, plan.device, _config(backward_config), deterministic=deterministic)
     return attention_backward(grad_out, q, k, v, out, lse, variant=plan.variant, config=choice.config,
                               scale=plan.default_scale if scale is None else scale, causal_offset=plan.offset)  # fmt: skip
 

@@ -8,8 +8,8 @@ from functools import cache
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
-from flashgen.spec import TileConfig, Variant, knob_table
-from flashgen.sram import estimate_backward_shared_bytes, estimate_shared_bytes, shared_budget
+from flashgen.spec import FORWARD_SM90, TileConfig, Variant, knob_table
+from flashgen.sram import estimate_backward_shared_bytes, estimate_shared_bytes, estimate_sm90_shared_bytes, shared_budget
 
 # (block_m, block_n, num_warps, num_stages[, template knobs]), best first; the first that fits the
 # shared-memory budget wins. A starting point until a tuned entry exists, not a tuned answer.
@@ -92,3 +92,27 @@ def default_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget
             f"no backward config for {variant.key} fits a shared-memory budget of {shared_budget(device, sram_budget)} bytes"
         )
     return config
+
+
+# Hopper's own forward (attn_fwd_sm90), from the 2026-11-22 runs of its experiment on the H100 and H200
+# (docs/hopper-notes.md, v5): 128-key blocks with a 3-deep ring were fastest at both head dims; 64-key blocks
+# where shared memory is short.
+_SM90_PREFERENCE = [(128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 4, 2)]
+
+
+@cache
+def default_sm90_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+    """The attn_fwd_sm90 config used when nothing tuned is known and where its searches start."""
+    config = _first_fitting(FORWARD_SM90, _SM90_PREFERENCE, variant, device, sram_budget, estimate_sm90_shared_bytes)
+    if config is None:
+        raise ValueError(f"no {FORWARD_SM90} config for {variant.key} fits a shared-memory budget of "
+                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
+    return config
+
+
+def default_for(template: str, variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+    """The default config of ``template`` (attn_fwd, attn_fwd_sm90 or attn_bwd)."""
+    defaults = {FORWARD: default_config, FORWARD_SM90: default_sm90_config, BACKWARD: default_backward_config}
+    if template not in defaults:
+        raise ValueError(f"template must be one of {sorted(defaults)}, got {template!r}")
+    return defaults[template](variant, device, sram_budget=sram_budget)

@@ -14,6 +14,11 @@ Lookup order for a (template, bucket):
    larger bucket), so a shape between tuned ones borrows its neighbour's tiles.
 3. ``default``: :mod:`flashgen.defaults`' heuristic.
 
+The forward has two templates: attn_fwd (Triton, every GPU) and attn_fwd_sm90 (Gluon, Hopper; fp16/bf16, head
+dim 64 or 128, no dropout). Where both can run, each is looked up as above and the better answer wins: an
+exact entry over a borrowed one, a nearer borrowed bucket over a farther one, then the faster tuned time (both
+are timed by the same evaluator on the same shapes); with neither tuned, attn_fwd's default.
+
 Decisions are memoised per (template, variant, bucket), so the runtime cost after the first call of a shape
 is a dictionary lookup. ``FLASHGEN_LOG=1`` logs each decision when it is first made (logger
 ``flashgen.dispatch``, to stderr).
@@ -36,12 +41,12 @@ from pathlib import Path
 
 import torch
 
-from flashgen.defaults import default_backward_config, default_config
+from flashgen.defaults import default_for
 from flashgen.device import DeviceInfo, toolchain
 from flashgen.entries import TunedEntry
 from flashgen.resources import default_database_url, tuning_db_dir
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD, FORWARD, TileConfig, Variant
+from flashgen.spec import BACKWARD, FORWARD, FORWARD_TEMPLATES, TEMPLATES, TileConfig, Variant, forward_template_of, knob_table
 
 def env_flag(name: str) -> bool:
     """An on/off environment variable: unset, empty, 0, false, no and off are off."""
@@ -119,7 +124,7 @@ class DispatchIndex:
         self.device = device
         self.exact: dict[tuple[str, ShapeBucket], _Tuned] = {}
         triton_version = toolchain()["triton"]
-        digests = {template: template_digest(template) for template in (FORWARD, BACKWARD)}
+        digests = {template: template_digest(template) for template in TEMPLATES}
         for source, entries in sources:  # later sources overlay earlier ones
             for entry in entries:
                 usable = (entry.device.key == device.key and entry.template in digests
@@ -247,8 +252,7 @@ def _decide(template: str, bucket: ShapeBucket, device: DeviceInfo) -> Choice:
         entry = tuned.entry
         return Choice(template, bucket, entry.config, kind, tuned.source,
                       tuned_bucket=entry.bucket, tuned_ms=entry.median_ms)  # fmt: skip
-    defaults = default_backward_config if template == BACKWARD else default_config
-    return Choice(template, bucket, defaults(bucket.variant, device), "default", "the default heuristic")
+    return Choice(template, bucket, default_for(template, bucket.variant, device), "default", "the default heuristic")
 
 
 def _env_number(name: str, default: float, kind: type) -> float:
@@ -295,8 +299,33 @@ def _autotune(template: str, bucket: ShapeBucket, device: DeviceInfo) -> bool:
     return True
 
 
+def runs_on(template: str, bucket: ShapeBucket, device: DeviceInfo) -> str | None:
+    """Why ``template`` cannot run ``bucket``'s variant on ``device`` (its table's [template.supports]), or None."""
+    return knob_table(template).supports.refusal(bucket.variant, None if device.interpreter else device.capability)
+
+
+_CHOICE_KINDS = ("requested", "tuned", "nearest", "default")
+
+
+def _preference(choice: Choice) -> tuple:
+    """Sort key of forward choices, best first (see the module docstring)."""
+    distance = bucket_distance(choice.bucket, choice.tuned_bucket) if choice.kind == "nearest" else 0.0
+    median = choice.tuned_ms if choice.tuned_ms is not None else math.inf
+    return _CHOICE_KINDS.index(choice.kind), distance, median, FORWARD_TEMPLATES.index(choice.template)
+
+
 def forward_choice(bucket: ShapeBucket, device: DeviceInfo, requested: TileConfig | None = None) -> Choice:
-    return choose(FORWARD, bucket, device, requested)
+    """The forward choice among the forward templates that can run ``bucket`` on ``device``; a requested
+    config runs with its own template (ValueError if that template cannot run the call)."""
+    if requested is not None:
+        template = forward_template_of(requested)
+        reason = runs_on(template, bucket, device)
+        if reason is not None:
+            raise ValueError(f"config {requested.key} is of {template}, which cannot run {reason}")
+        return choose(template, bucket, device, requested)
+    choices = [choose(template, bucket, device) for template in FORWARD_TEMPLATES
+               if runs_on(template, bucket, device) is None]  # fmt: skip
+    return min(choices, key=_preference)
 
 
 def backward_choice(

@@ -8,8 +8,8 @@ import math
 import torch
 
 from flashgen.codegen import BACKWARD, FORWARD, kernel_module
-from flashgen.device import tensor_descriptor_type
-from flashgen.spec import TORCH_DTYPES, TileConfig, Variant
+from flashgen.device import import_triton, tensor_descriptor_type
+from flashgen.spec import FORWARD_SM90, TORCH_DTYPES, TileConfig, Variant
 
 LOG2E = 1.4426950408889634
 
@@ -63,10 +63,7 @@ class ForwardLaunch:
 
     def __call__(self, q, k, v, scale: float, dropout_p: float = 0.0, seed: int = 0, rng_offset: int = 0,
                  out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        if out is None:  # (empty_like parses fewer arguments than empty: microseconds per call)
-            out = torch.empty_like(q) if q.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format)
-        if lse is None:
-            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        out, lse = _outputs(q, out, lse, self.lse_shape)
         if out.numel() == 0:
             return out, lse
         if scale < 0:
@@ -94,6 +91,84 @@ class ForwardLaunch:
                 *scalars]
 
 
+class Sm90ForwardLaunch:
+    """Hopper's forward (template attn_fwd_sm90, Gluon) bound to one call signature, called like
+    :class:`ForwardLaunch`. Its loads and stores all go through the copy engine, so tensors TMA cannot address
+    (odd strides, unaligned views) run ``fallback_config`` of attn_fwd instead; without one they raise
+    ValueError. Dropout is not compiled in (its table's supports say so): ``dropout_p`` must be 0."""
+
+    def __init__(self, variant: Variant, config: TileConfig, q_shape, k_shape, causal_offset: int = 0,
+                 fallback_config: TileConfig | None = None) -> None:  # fmt: skip
+        import_triton()
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        batch, heads_q, n_q, head_dim = q_shape
+        heads_kv, n_k = k_shape[1], k_shape[2]
+        self.kernel = kernel_module(FORWARD_SM90, variant, config).attn_fwd
+        self.grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+        self.launcher = self.kernel[self.grid]
+        self.lse_shape = (batch, heads_q, n_q)
+        self.num_warps = config.num_warps
+        self.scalars = [heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
+        element = {"fp16": gl.float16, "bf16": gl.bfloat16}[variant.dtype]
+        # Q and the output move in boxes of one consumer warp group's rows; K and V in boxes of BLOCK_N rows.
+        boxes = ([1, 1, config.block_m // 2, head_dim], [1, 1, config.block_n, head_dim])
+        self.descriptor_specs = [(box, gl.NVMMASharedLayout.get_default_for(box, element)) for box in boxes]
+        self.descriptor_type = TensorDescriptor
+        self._fallback = None
+        self._fallback_args = (variant, fallback_config, q_shape, k_shape, causal_offset)
+
+    def __call__(self, q, k, v, scale: float, dropout_p: float = 0.0, seed: int = 0, rng_offset: int = 0,
+                 out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if dropout_p:
+            raise ValueError(f"dropout_p must be 0 for {FORWARD_SM90}, which has no dropout path; got {dropout_p}")
+        out, lse = _outputs(q, out, lse, self.lse_shape)
+        if out.numel() == 0:
+            return out, lse
+        if scale < 0:  # see ForwardLaunch
+            q, scale = -q, -scale
+        if not tma_ready(q, k, v, out):
+            if self._fallback is None:
+                if self._fallback_args[1] is None:
+                    raise ValueError(f"{FORWARD_SM90} loads through TMA: q, k, v and out need a unit last stride "
+                                     "and 16-byte aligned data and strides, and no attn_fwd config was given to "
+                                     "run other tensors")  # fmt: skip
+                self._fallback = ForwardLaunch(*self._fallback_args)
+            return self._fallback(q, k, v, scale, out=out, lse=lse)
+        self.launcher(*self.arguments(q, k, v, out, lse, scale), num_warps=self.num_warps)
+        return out, lse
+
+    def arguments(self, q, k, v, out, lse, scale) -> list:
+        """The kernel's arguments, in its order."""
+        (q_box, q_layout), (kv_box, kv_layout) = self.descriptor_specs
+        make = self.descriptor_type
+        descriptors = [make(t, list(t.shape), list(t.stride()), box, layout)
+                       for t, box, layout in ((q, q_box, q_layout), (k, kv_box, kv_layout), (v, kv_box, kv_layout),
+                                              (out, q_box, q_layout))]  # fmt: skip
+        return [*descriptors, lse, scale * LOG2E, *self.scalars]
+
+
+def _outputs(q, out, lse, lse_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caller's out and lse, or new ones: out like q (contiguous), lse float32 of ``lse_shape``."""
+    if out is None:  # (empty_like parses fewer arguments than empty: microseconds per call)
+        out = torch.empty_like(q) if q.is_contiguous() else torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def forward_launch(template: str, variant: Variant, config: TileConfig, q_shape, k_shape, causal_offset: int = 0,
+                   fallback_config: TileConfig | None = None) -> ForwardLaunch | Sm90ForwardLaunch:  # fmt: skip
+    """The launch of forward ``template`` (attn_fwd or attn_fwd_sm90) for one call signature; for attn_fwd_sm90,
+    ``fallback_config`` (of attn_fwd) runs the calls whose tensors TMA cannot address."""
+    if template == FORWARD_SM90:
+        return Sm90ForwardLaunch(variant, config, q_shape, k_shape, causal_offset, fallback_config)
+    if template != FORWARD:
+        raise ValueError(f"template must be one of {(FORWARD, FORWARD_SM90)}, got {template!r}")
+    return ForwardLaunch(variant, config, q_shape, k_shape, causal_offset)
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,14 +183,16 @@ def attention_forward(
     rng_offset: int = 0,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    template: str = FORWARD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel of ``variant`` with ``config``.
+    """Run the forward kernel of ``variant`` with ``config`` of forward ``template``.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides; dtype ``variant.dtype``.
-    Returns out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) float32, contiguous (natural log); pass
-    ``out`` or ``lse`` to have them written there (any strides for out; lse must be contiguous).
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides (attn_fwd_sm90: addressable by
+    TMA); dtype ``variant.dtype``. Returns out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) float32,
+    contiguous (natural log); pass ``out`` or ``lse`` to have them written there (any strides for out; lse
+    must be contiguous).
     """
-    launch = ForwardLaunch(variant, config, q.shape, k.shape, causal_offset)
+    launch = forward_launch(template, variant, config, q.shape, k.shape, causal_offset)
     return launch(q, k, v, scale, dropout_p, seed, rng_offset, out=out, lse=lse)
 
 
@@ -133,9 +210,10 @@ def compile_forward(
     *,
     shape: tuple[int, int, int, int, int] | None = None,
     device: torch.device | str = "cuda",
+    template: str = FORWARD,
 ):
-    """Compile (without launching) the forward kernel for ``variant`` and ``config`` on a CUDA device and
-    return Triton's compiled kernel (``.metadata.shared``: its shared memory in bytes). Raises Triton's
+    """Compile (without launching) the forward kernel of ``template`` for ``variant`` and ``config`` on a CUDA
+    device and return Triton's compiled kernel (``.metadata.shared``: its shared memory in bytes). Raises Triton's
     errors (OutOfResources, CompilationError) as they are.
 
     shape: (B, Hq, Hkv, Nq, Nk) of the launches to come. Triton specialises integer arguments (equal to 1,
@@ -147,7 +225,10 @@ def compile_forward(
     q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
     lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
-    launch = ForwardLaunch(variant, config, q.shape, kv.shape)
+    launch = forward_launch(template, variant, config, q.shape, kv.shape)
+    if template == FORWARD_SM90:
+        return launch.kernel.warmup(*launch.arguments(q, kv, kv, q, lse, 1.0), grid=launch.grid,
+                                    num_warps=config.num_warps)  # fmt: skip
     args = launch.arguments(q, kv, kv, q, lse, 1.0, 0.5, 0, 0)
     return launch.kernel.warmup(*args, grid=launch.grid, num_warps=config.num_warps, num_stages=config.num_stages)
 

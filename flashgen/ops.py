@@ -15,17 +15,19 @@ import torch
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
-from flashgen.dispatch import Choice, backward_choice, env_flag, forward_choice, warn_once
-from flashgen.launch import ForwardLaunch, attention_backward
+from flashgen.dispatch import Choice, backward_choice, choose, env_flag, forward_choice, warn_once
+from flashgen.launch import ForwardLaunch, Sm90ForwardLaunch, attention_backward, forward_launch
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
     CAUSAL_ALIGNMENTS,
     DTYPE_NAMES,
+    FORWARD_SM90,
     HEAD_DIM_MAX,
     HEAD_DIM_MIN,
     TileConfig,
     Variant,
     causal_offset,
+    forward_template_of,
     knob_table,
 )
 
@@ -127,7 +129,7 @@ class Plan:
     forward: Choice | None = None
     offset: int = 0
     default_scale: float = 1.0
-    launch: ForwardLaunch | None = None
+    launch: ForwardLaunch | Sm90ForwardLaunch | None = None
 
 
 _plans: dict[tuple, Plan] = {}
@@ -139,7 +141,7 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
     _check_inputs(q, k, v)
     _check_options(causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic)
     if config is not None:
-        knob_table(FORWARD).validate(config)
+        forward_template_of(config)
     if backward_config is not None:
         knob_table(BACKWARD).validate(backward_config)
     _check_deterministic(backward_config, deterministic)
@@ -155,8 +157,11 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
     device = device_info(q.device)
     forward = forward_choice(bucket, device, config)
     offset = causal_offset(causal_alignment, n_q, n_k) if causal else 0
+    # attn_fwd_sm90 loads through TMA only: calls whose tensors TMA cannot address run attn_fwd's choice.
+    fallback = choose(FORWARD, bucket, device).config if forward.template == FORWARD_SM90 else None
+    launch = forward_launch(forward.template, variant, forward.config, q.shape, k.shape, offset, fallback)
     return Plan("kernel", variant=variant, bucket=bucket, device=device, forward=forward, offset=offset,
-                default_scale=1.0 / math.sqrt(head_dim), launch=ForwardLaunch(variant, forward.config, q.shape, k.shape, offset))  # fmt: skip
+                default_scale=1.0 / math.sqrt(head_dim), launch=launch)  # fmt: skip
 
 
 def _signature(q, k, v, attn_mask, causal, causal_alignment, dropout_p, config, backward_config) -> tuple:
@@ -246,8 +251,8 @@ def attention(
 
     The kernel's tile config comes from :mod:`flashgen.dispatch`: the tuned entry for this GPU and shape
     bucket, else the nearest tuned bucket, else a default (``flashgen.explain`` says which and why).
-    config / backward_config: force a tile config of the forward / backward template
-    (``flashgen.knob_table("attn_fwd").config(...)``). Differentiable in q, k and v (not through lse).
+    config / backward_config: force a tile config of a forward template (``flashgen.knob_table("attn_fwd")``
+    or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of the backward template. Differentiable in q, k and v (not through lse).
     deterministic: bit-reproducible gradients (no atomic dQ accumulation, whatever the tuned backward config
     says); default ``torch.are_deterministic_algorithms_enabled()``.
 

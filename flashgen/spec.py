@@ -36,7 +36,10 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 CORE_KNOBS = ("block_m", "block_n", "num_warps", "num_stages")
 FORWARD = "attn_fwd"  # the templates: templates/<name>.py.j2 with its knob table templates/<name>.toml
+FORWARD_SM90 = "attn_fwd_sm90"  # Hopper's own forward (Gluon); runs what its table's [template.supports] says
 BACKWARD = "attn_bwd"
+FORWARD_TEMPLATES = (FORWARD, FORWARD_SM90)  # dispatch picks the faster tuned one per shape bucket
+TEMPLATES = (*FORWARD_TEMPLATES, BACKWARD)
 
 
 def _canonical_json(data: Mapping[str, Any]) -> str:
@@ -213,6 +216,30 @@ class Knob:
 
 
 @dataclass(frozen=True)
+class Support:
+    """What a template's kernels can run (``[template.supports]`` in its table); None: no restriction."""
+
+    head_dims: tuple[int, ...] | None = None
+    dtypes: tuple[str, ...] | None = None
+    dropout: bool = True
+    capabilities: tuple[tuple[int, int], ...] | None = None  # CUDA compute capabilities (major, minor)
+
+    def refusal(self, variant: Variant, capability: tuple[int, int] | None) -> str | None:
+        """Why the template cannot run ``variant`` on a device of ``capability`` (None: the interpreter),
+        or None when it can."""
+        if self.head_dims is not None and variant.head_dim not in self.head_dims:
+            return f"head_dim {variant.head_dim} (it runs {list(self.head_dims)})"
+        if self.dtypes is not None and variant.dtype not in self.dtypes:
+            return f"dtype {variant.dtype} (it runs {list(self.dtypes)})"
+        if variant.dropout and not self.dropout:
+            return "dropout"
+        if self.capabilities is not None and capability not in self.capabilities:
+            where = "Triton's interpreter" if capability is None else f"compute capability {capability}"
+            return f"{where} (it runs on {[tuple(c) for c in self.capabilities]})"
+        return None
+
+
+@dataclass(frozen=True)
 class KnobTable:
     """The knobs a template declares, read from ``templates/<template>.toml``."""
 
@@ -220,6 +247,7 @@ class KnobTable:
     source: str
     description: str
     knobs: tuple[Knob, ...]
+    supports: Support = Support()
 
     def __getitem__(self, name: str) -> Knob:
         for knob in self.knobs:
@@ -333,7 +361,38 @@ def knob_table(template: str) -> KnobTable:
         source=head["source"],
         description=head.get("description", ""),
         knobs=knobs,
+        supports=_parse_support(template, head.get("supports", {})),
     )
+
+
+def _parse_support(template: str, raw: Mapping[str, Any]) -> Support:
+    where = f"templates/{template}.toml, [template.supports]"
+    unknown = set(raw) - {"head_dims", "dtypes", "dropout", "capabilities"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    capabilities = raw.get("capabilities")
+    if capabilities is not None and not all(isinstance(c, list) and len(c) == 2 for c in capabilities):
+        raise ValueError(f"{where}: capabilities must be [major, minor] pairs, got {capabilities}")
+    return Support(
+        head_dims=tuple(raw["head_dims"]) if "head_dims" in raw else None,
+        dtypes=tuple(raw["dtypes"]) if "dtypes" in raw else None,
+        dropout=bool(raw.get("dropout", True)),
+        capabilities=tuple(tuple(c) for c in capabilities) if capabilities is not None else None,
+    )
+
+
+def forward_template_of(config: TileConfig) -> str:
+    """The forward template whose knob table ``config`` belongs to (each declares its own knobs, so at most
+    one accepts it); ValueError naming each table's complaint otherwise."""
+    complaints = []
+    for template in FORWARD_TEMPLATES:
+        try:
+            knob_table(template).validate(config)
+        except ValueError as exc:
+            complaints.append(str(exc))
+        else:
+            return template
+    raise ValueError(f"config {config.key} is not a config of a forward template: " + "; ".join(complaints))
 
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")

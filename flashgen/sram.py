@@ -9,7 +9,7 @@ estimate against what Triton reports for compiled kernels is measured on the GPU
 from __future__ import annotations
 
 from flashgen.device import DeviceInfo
-from flashgen.spec import BACKWARD, FORWARD, TileConfig, Variant
+from flashgen.spec import BACKWARD, FORWARD, FORWARD_SM90, TileConfig, Variant
 
 
 def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
@@ -18,6 +18,15 @@ def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
     q_tile = config.block_m * row_bytes
     kv_ring = config.num_stages * 2 * config.block_n * row_bytes
     return q_tile + kv_ring
+
+
+def estimate_sm90_shared_bytes(variant: Variant, config: TileConfig) -> int:
+    """Shared memory of one program of the Hopper forward (attn_fwd_sm90), in bytes: the two consumers' Q
+    tiles (reused to stage the output), ``num_stages`` K and V buffers, and 512 bytes for the mbarriers, warp
+    specialisation and alignment (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-408 bytes
+    above the tiles)."""
+    row_bytes = variant.head_dim * variant.element_size
+    return config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 512
 
 
 def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:
@@ -39,7 +48,7 @@ def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | N
     return min(limits) if limits else None
 
 
-ESTIMATES = {FORWARD: estimate_shared_bytes, BACKWARD: estimate_backward_shared_bytes}
+ESTIMATES = {FORWARD: estimate_shared_bytes, FORWARD_SM90: estimate_sm90_shared_bytes, BACKWARD: estimate_backward_shared_bytes}
 
 
 def fits(variant: Variant, config: TileConfig, budget: int | None, template: str = FORWARD) -> bool:

@@ -29,10 +29,10 @@ import optuna
 import torch
 
 from flashgen.device import DeviceInfo
-from flashgen.launch import attention_backward, attention_forward
+from flashgen.launch import attention_backward, attention_forward, forward_launch
 from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD, FORWARD, TORCH_DTYPES, KnobValue, TileConfig, knob_table
+from flashgen.spec import BACKWARD, FORWARD, FORWARD_SM90, TORCH_DTYPES, KnobValue, TileConfig, knob_table
 from flashgen.sram import fits
 from flashgen.timing import attention_flops, median_ms
 
@@ -112,7 +112,8 @@ def search_space(
     template: str = FORWARD,
 ) -> list[TileConfig]:
     """The configs worth measuring for ``bucket``: the knob table's product, restricted to ``restrict``'s
-    values, without tiles longer than the bucket's sequences or over the shared-memory budget."""
+    values, without tiles longer than the bucket's sequences (where a shorter one exists) or over the
+    shared-memory budget."""
     table = knob_table(template)
     restrict = restrict or {}
     for name, values in restrict.items():
@@ -120,12 +121,15 @@ def search_space(
         bad = [v for v in values if v not in knob.choices or type(v) is not type(knob.default)]
         if bad:
             raise ValueError(f"knob {name!r} cannot take {bad}; its choices are {list(knob.choices)}")
+    # A tile longer than the sequence only computes padding, unless the template has no shorter one.
+    longest_m = max(bucket.n_q, min(table["block_m"].choices))
+    longest_n = max(bucket.n_k, min(table["block_n"].choices))
     space = []
     for config in table.all_configs():
         if any(config[name] not in values for name, values in restrict.items()):
             continue
-        if config.block_m > bucket.n_q or config.block_n > bucket.n_k:
-            continue  # a tile longer than the sequence only computes padding
+        if config.block_m > longest_m or config.block_n > longest_n:
+            continue
         if not fits(bucket.variant, config, sram_budget, template):
             continue
         space.append(config)
@@ -359,9 +363,12 @@ def _compile_in_worker(template: str, variant_dict: dict, config_dict: dict, sha
     from flashgen.launch import compile_backward, compile_forward
     from flashgen.spec import BACKWARD, TileConfig, Variant
 
-    compile_kernels = compile_backward if template == BACKWARD else compile_forward
+    variant, config = Variant.from_dict(variant_dict), TileConfig.from_dict(config_dict)
     try:
-        compile_kernels(Variant.from_dict(variant_dict), TileConfig.from_dict(config_dict), shape=shape)
+        if template == BACKWARD:
+            compile_backward(variant, config, shape=shape)
+        else:
+            compile_forward(variant, config, shape=shape, template=template)
     except Exception as exc:  # reported as the trial's failure; the search goes on
         return _failure(exc)
     return None
@@ -467,13 +474,22 @@ class KernelEvaluator:
 
 
 class ForwardEvaluator(KernelEvaluator):
-    """The forward kernel: its output rows checked against the float64 reference, then timed."""
+    """The forward kernel of attn_fwd: its output rows checked against the float64 reference, then timed."""
 
     template = FORWARD
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._launches: dict[TileConfig, object] = {}
+
     def _forward(self, config: TileConfig, q, k, v):
-        return attention_forward(q, k, v, variant=self.variant, config=config, scale=self.scale,
-                                 causal_offset=self.causal_offset)  # fmt: skip
+        # One launch object per config, made before timing, as a call of flashgen.attention has its plan's:
+        # the time is the kernel's and the per-call host work, not the set-up.
+        launch = self._launches.get(config)
+        if launch is None:
+            launch = self._launches[config] = forward_launch(self.template, self.variant, config, q.shape, k.shape,
+                                                             self.causal_offset)  # fmt: skip
+        return launch(q, k, v, self.scale)
 
     def measure(self, config: TileConfig) -> Outcome:
         failure = self._compile_failure(config)
@@ -494,6 +510,12 @@ class ForwardEvaluator(KernelEvaluator):
         if not error <= limit:  # NaN fails too
             return Outcome(error=error, failure=f"wrong: relative error {error:.3g} > tolerance {limit:.3g}")
         return self._time(config, error, lambda i: self._forward(config, *self.inputs[i]))
+
+
+class Sm90ForwardEvaluator(ForwardEvaluator):
+    """The Hopper forward, attn_fwd_sm90: checked and timed as attn_fwd is, so their times compare."""
+
+    template = FORWARD_SM90
 
 
 class BackwardEvaluator(KernelEvaluator):
@@ -551,7 +573,8 @@ class BackwardEvaluator(KernelEvaluator):
 
 
 def evaluator_for(template: str, bucket: ShapeBucket, device: torch.device | str, **kwargs) -> KernelEvaluator:
-    return {FORWARD: ForwardEvaluator, BACKWARD: BackwardEvaluator}[template](bucket, device, **kwargs)
+    evaluators = {FORWARD: ForwardEvaluator, FORWARD_SM90: Sm90ForwardEvaluator, BACKWARD: BackwardEvaluator}
+    return evaluators[template](bucket, device, **kwargs)
 
 
 def compile_pool(workers: int) -> ProcessPoolExecutor | None:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from flashgen.codegen import BACKWARD, FORWARD, render, template_digest
+from flashgen.codegen import FORWARD, render, template_digest
 from flashgen.db.store import TuningStore
 from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo, device_info, toolchain
-from flashgen.defaults import default_backward_config, default_config
+from flashgen.defaults import default_for
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import KnobValue
+from flashgen.spec import KnobValue, knob_table
 from flashgen.sram import shared_budget
 from flashgen.tuner import (
     Budget,
@@ -35,7 +35,7 @@ from flashgen.tuner import (
 
 @dataclass(frozen=True)
 class TuneOptions:
-    template: str = FORWARD  # or BACKWARD: which kernels are tuned
+    template: str = FORWARD  # which template's kernels are tuned: attn_fwd, attn_fwd_sm90 or attn_bwd
     budget: Budget = Budget()
     exhaustive: bool = False
     seed: int = 0
@@ -46,6 +46,11 @@ class TuneOptions:
 
 def default_compile_workers(info: DeviceInfo) -> int:
     return 0 if info.interpreter else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def refusal(template: str, bucket: ShapeBucket, info: DeviceInfo) -> str | None:
+    """Why ``template`` cannot run ``bucket`` on this device (its table's [template.supports]), or None."""
+    return knob_table(template).supports.refusal(bucket.variant, None if info.interpreter else info.capability)
 
 
 def entry_for(result: BucketResult, info: DeviceInfo, evaluator: KernelEvaluator) -> TunedEntry:
@@ -79,7 +84,8 @@ def tune_buckets(
     on_bucket_start: Callable[[ShapeBucket, int], None] | None = None,
     on_trial: Callable[[TrialReport], None] | None = None,
 ) -> list[BucketResult]:
-    """Tune each bucket in turn; returns what each search found (its best is already in ``store``)."""
+    """Tune each bucket in turn; returns what each search found (its best is already in ``store``). A bucket
+    the template cannot run (see :func:`refusal`) is not searched: its result says why in ``stopped_by``."""
     info = device_info(device)
     device = torch.device("cuda" if not info.interpreter else "cpu") if device is None else torch.device(device)
     storage = store.optuna_storage()
@@ -89,6 +95,11 @@ def tune_buckets(
     results = []
     try:
         for bucket in buckets:
+            reason = refusal(options.template, bucket, info)
+            if reason is not None:
+                results.append(BucketResult(bucket=bucket, space_size=0, stopped_by=f"not run: {reason}",
+                                            template=options.template))  # fmt: skip
+                continue
             results.append(_tune_one(bucket, store, storage, options, info, device, budget_bytes, pool, workers,
                                      on_bucket_start, on_trial))  # fmt: skip
     finally:
@@ -105,8 +116,7 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     evaluator = evaluator_for(template, bucket, device, info=info, pool=pool)
     # Start from the default config and what neighbouring buckets of this variant found (other lengths and
     # batch sizes usually share their best tiles): the search then never ends worse than the default.
-    defaults = default_backward_config if template == BACKWARD else default_config
-    default = defaults(bucket.variant, info, sram_budget=options.sram_budget)
+    default = default_for(template, bucket.variant, info, sram_budget=options.sram_budget)
     neighbours = [e.config for e in store.entries() if e.template == template and e.device == info
                   and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
     start_with = [] if options.exhaustive else list(dict.fromkeys([default, *neighbours]))

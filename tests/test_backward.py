@@ -187,7 +187,7 @@ def test_deterministic_switches_a_picked_atomic_config_to_the_dq_kernel(monkeypa
     from flashgen.shapes import ShapeBucket
 
     atomic = knob_table("attn_bwd").config(block_m=32, block_n=32, num_warps=4, num_stages=1, atomic_dq=True)
-    monkeypatch.setattr(dispatch, "default_backward_config", lambda variant, device: atomic)
+    monkeypatch.setattr(dispatch, "default_for", lambda template, variant, device: atomic)
     monkeypatch.setattr(dispatch, "_choices", {})
     bucket = ShapeBucket.of(Variant(16, "fp32"), batch=1, heads_q=1, heads_kv=1, n_q=16, n_k=16)
     cpu = device_info(torch.device("cpu"))
