@@ -162,7 +162,9 @@ def _config_label(peer: str, point: Point, q: torch.Tensor) -> str | None:
     if peer == "flashgen":
         why = explain(q, q, q, causal=point.causal)
         choice = why.backward if point.backward else why.forward
-        named = choice.config.key if choice.template in (FORWARD, BACKWARD) else f"{choice.template}:{choice.config.key}"
+        named = choice.config.key
+        if choice.template not in (FORWARD, BACKWARD):
+            named = f"{choice.template}:{named}"
         return f"{named} ({choice.kind})"
     return None
 

@@ -43,8 +43,8 @@ class Case:
     @property
     def label(self) -> str:
         shape = f"B{self.batch} H{self.heads_q}/{self.heads_kv} N{self.n_q}x{self.n_k}"
-        opts = [self.causal or "", f"p={self.dropout_p}" if self.dropout_p else "", "strided" if self.transposed else "",
-                self.template if self.template != FORWARD else ""]  # fmt: skip
+        opts = [self.causal or "", f"p={self.dropout_p}" if self.dropout_p else "",
+                "strided" if self.transposed else "", self.template if self.template != FORWARD else ""]
         return " ".join([self.variant.key, shape, *filter(None, opts)])
 
 

@@ -414,7 +414,8 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @_DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, direction,
-         only_templates, exhaustive, space_items, sram_budget, seed, compile_workers, db_url, as_json) -> None:  # fmt: skip
+         only_templates, exhaustive, space_items, sram_budget, seed, compile_workers, db_url,
+         as_json) -> None:  # fmt: skip
     """Search tile configs for shape buckets on this GPU and store the winners in the tuning database.
 
     Each bucket is tuned by timing its representative shape; every candidate is checked against a float64

@@ -9,7 +9,12 @@ from functools import cache
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
 from flashgen.spec import FORWARD_SM90, TileConfig, Variant, knob_table
-from flashgen.sram import estimate_backward_shared_bytes, estimate_shared_bytes, estimate_sm90_shared_bytes, shared_budget
+from flashgen.sram import (
+    estimate_backward_shared_bytes,
+    estimate_shared_bytes,
+    estimate_sm90_shared_bytes,
+    shared_budget,
+)
 
 # (block_m, block_n, num_warps, num_stages[, template knobs]), best first; the first that fits the
 # shared-memory budget wins. A starting point until a tuned entry exists, not a tuned answer.

@@ -46,7 +46,7 @@ from flashgen.device import DeviceInfo, toolchain
 from flashgen.entries import TunedEntry
 from flashgen.resources import default_database_url, tuning_db_dir
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD, FORWARD, FORWARD_TEMPLATES, TEMPLATES, TileConfig, Variant, forward_template_of, knob_table
+from flashgen.spec import BACKWARD, FORWARD_TEMPLATES, TEMPLATES, TileConfig, Variant, forward_template_of, knob_table
 
 def env_flag(name: str) -> bool:
     """An on/off environment variable: unset, empty, 0, false, no and off are off."""

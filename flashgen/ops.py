@@ -252,7 +252,8 @@ def attention(
     The kernel's tile config comes from :mod:`flashgen.dispatch`: the tuned entry for this GPU and shape
     bucket, else the nearest tuned bucket, else a default (``flashgen.explain`` says which and why).
     config / backward_config: force a tile config of a forward template (``flashgen.knob_table("attn_fwd")``
-    or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of the backward template. Differentiable in q, k and v (not through lse).
+    or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of the backward template.
+    Differentiable in q, k and v (not through lse).
     deterministic: bit-reproducible gradients (no atomic dQ accumulation, whatever the tuned backward config
     says); default ``torch.are_deterministic_algorithms_enabled()``.
 

@@ -48,7 +48,11 @@ def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | N
     return min(limits) if limits else None
 
 
-ESTIMATES = {FORWARD: estimate_shared_bytes, FORWARD_SM90: estimate_sm90_shared_bytes, BACKWARD: estimate_backward_shared_bytes}
+ESTIMATES = {
+    FORWARD: estimate_shared_bytes,
+    FORWARD_SM90: estimate_sm90_shared_bytes,
+    BACKWARD: estimate_backward_shared_bytes,
+}
 
 
 def fits(variant: Variant, config: TileConfig, budget: int | None, template: str = FORWARD) -> bool:

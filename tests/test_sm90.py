@@ -174,7 +174,8 @@ print(json.dumps(rows))
 
 
 def test_compiles_for_sm90_with_async_wgmma_and_no_spills_at_d64():
-    cases = [(64, True, {"block_n": 128, "num_stages": 3, "pingpong": True}), (128, False, {"block_n": 64, "num_stages": 2})]
+    cases = [(64, True, {"block_n": 128, "num_stages": 3, "pingpong": True}),
+             (128, False, {"block_n": 64, "num_stages": 2})]
     benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE, str(benchmarks), json.dumps(cases)], capture_output=True,
