@@ -159,7 +159,6 @@ def default_cases(info: DeviceInfo) -> list[Case]:
     if not info.interpreter:
         cases += [Case(2, 8, 2, 1000, 1000, 256, "bf16", causal="top_left"), Case(1, 4, 4, 512, 2048, 192, "fp16")]
         # Hopper's own forward, on the cases it can run.
-        support = knob_table(FORWARD_SM90).supports
-        cases += [replace(case, template=FORWARD_SM90) for case in cases
-                  if support.refusal(case.variant, info.capability) is None]  # fmt: skip
+        sm90 = knob_table(FORWARD_SM90)
+        cases += [replace(case, template=FORWARD_SM90) for case in cases if sm90.refusal(case.variant, info) is None]
     return cases

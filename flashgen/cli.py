@@ -452,7 +452,9 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
         if too_big:
             raise click.UsageError(f"too large (or bf16) for the interpreter: {too_big[:3]}...; use --preset tiny or a GPU")
     from flashgen.spec import BACKWARD, FORWARD_TEMPLATES
-    from flashgen.tuning import refusal
+
+    def refusal(template, bucket, info):
+        return knob_table(template).refusal(bucket.variant, info)
 
     if only_templates:
         templates = list(dict.fromkeys(only_templates))

@@ -299,11 +299,6 @@ def _autotune(template: str, bucket: ShapeBucket, device: DeviceInfo) -> bool:
     return True
 
 
-def runs_on(template: str, bucket: ShapeBucket, device: DeviceInfo) -> str | None:
-    """Why ``template`` cannot run ``bucket``'s variant on ``device`` (its table's [template.supports]), or None."""
-    return knob_table(template).supports.refusal(bucket.variant, None if device.interpreter else device.capability)
-
-
 _CHOICE_KINDS = ("requested", "tuned", "nearest", "default")
 
 
@@ -319,12 +314,12 @@ def forward_choice(bucket: ShapeBucket, device: DeviceInfo, requested: TileConfi
     config runs with its own template (ValueError if that template cannot run the call)."""
     if requested is not None:
         template = forward_template_of(requested)
-        reason = runs_on(template, bucket, device)
+        reason = knob_table(template).refusal(bucket.variant, device)
         if reason is not None:
             raise ValueError(f"config {requested.key} is of {template}, which cannot run {reason}")
         return choose(template, bucket, device, requested)
     choices = [choose(template, bucket, device) for template in FORWARD_TEMPLATES
-               if runs_on(template, bucket, device) is None]  # fmt: skip
+               if knob_table(template).refusal(bucket.variant, device) is None]  # fmt: skip
     return min(choices, key=_preference)
 
 

@@ -259,6 +259,11 @@ class KnobTable:
     def names(self) -> tuple[str, ...]:
         return tuple(knob.name for knob in self.knobs)
 
+    def refusal(self, variant: Variant, device) -> str | None:
+        """Why this template cannot run ``variant`` on ``device`` (a :class:`flashgen.device.DeviceInfo`), or
+        None when it can."""
+        return self.supports.refusal(variant, None if device.interpreter else device.capability)
+
     def validate(self, config: TileConfig) -> TileConfig:
         """Return ``config`` if every knob is declared here and has an allowed value; else ValueError."""
         values = config.to_dict()

@@ -48,11 +48,6 @@ def default_compile_workers(info: DeviceInfo) -> int:
     return 0 if info.interpreter else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def refusal(template: str, bucket: ShapeBucket, info: DeviceInfo) -> str | None:
-    """Why ``template`` cannot run ``bucket`` on this device (its table's [template.supports]), or None."""
-    return knob_table(template).supports.refusal(bucket.variant, None if info.interpreter else info.capability)
-
-
 def entry_for(result: BucketResult, info: DeviceInfo, evaluator: KernelEvaluator) -> TunedEntry:
     assert result.best_config is not None and result.best is not None
     template = evaluator.template
@@ -85,7 +80,8 @@ def tune_buckets(
     on_trial: Callable[[TrialReport], None] | None = None,
 ) -> list[BucketResult]:
     """Tune each bucket in turn; returns what each search found (its best is already in ``store``). A bucket
-    the template cannot run (see :func:`refusal`) is not searched: its result says why in ``stopped_by``."""
+    the template cannot run (its table's ``[template.supports]``) is not searched: its result says why in
+    ``stopped_by``."""
     info = device_info(device)
     device = torch.device("cuda" if not info.interpreter else "cpu") if device is None else torch.device(device)
     storage = store.optuna_storage()
@@ -95,7 +91,7 @@ def tune_buckets(
     results = []
     try:
         for bucket in buckets:
-            reason = refusal(options.template, bucket, info)
+            reason = knob_table(options.template).refusal(bucket.variant, info)
             if reason is not None:
                 results.append(BucketResult(bucket=bucket, space_size=0, stopped_by=f"not run: {reason}",
                                             template=options.template))  # fmt: skip

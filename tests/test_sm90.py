@@ -15,7 +15,7 @@ from flashgen import dispatch, ops
 from flashgen.bench import config_peer
 from flashgen.checks import Case, run_case
 from flashgen.codegen import render, template_digest
-from flashgen.device import INTERPRETER, DeviceInfo
+from flashgen.device import DeviceInfo
 from flashgen.entries import TunedEntry
 from flashgen.reference import reference_attention, relative_error, tolerance
 from flashgen.shapes import ShapeBucket
@@ -136,13 +136,16 @@ def test_forcing_it_in_the_interpreter_is_a_clear_error():
         flashgen.attention(q, q, q, config=SM90.default_config())
 
 
-def test_tuning_skips_what_it_cannot_run():
-    from flashgen.tuning import refusal
+def test_tuning_skips_what_it_cannot_run(tmp_path):
+    from flashgen.db import TuningStore
+    from flashgen.tuning import TuneOptions, tune_buckets
 
-    bucket = bucket_of(1024, Variant(64, "fp32"))
-    assert "dtype fp32" in refusal(FORWARD_SM90, bucket, H200)
-    assert refusal(FORWARD_SM90, bucket_of(1024), H200) is None
-    assert "interpreter" in refusal(FORWARD_SM90, bucket_of(1024), INTERPRETER)
+    assert "dtype fp32" in SM90.refusal(Variant(64, "fp32"), H200)
+    assert SM90.refusal(Variant(64, "fp16"), H200) is None
+    store = TuningStore(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    (result,) = tune_buckets([bucket_of(64, Variant(64, "fp16"))], store, TuneOptions(template=FORWARD_SM90),
+                             device="cpu")  # fmt: skip
+    assert result.measured == 0 and "interpreter" in result.stopped_by and not store.entries()
 
 
 def test_bench_names_configs_of_either_forward_template():
