@@ -54,7 +54,7 @@ class ForwardLaunch:
         self.lse_shape = (batch, heads_q, n_q)
         self.variant, self.causal_offset = variant, causal_offset
         self.fixed_scalars = None if variant.dropout else _variant_scalars(variant, causal_offset, 0.0, 0, 0)
-        self.num_warps, self.num_stages = config.num_warps, config.num_stages
+        self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}  # Triton's launch options
         self.tma = uses_tma(config)
         self.block_m, self.block_n = config.block_m, config.block_n
         # Tensors the copy engine cannot address (odd strides, unaligned views) run the same tiles without it.
@@ -74,8 +74,7 @@ class ForwardLaunch:
             if self._plain is None:
                 self._plain = ForwardLaunch(*self._plain_args)
             return self._plain(q, k, v, scale, dropout_p, seed, rng_offset, out=out, lse=lse)
-        self.launcher(*self.arguments(q, k, v, out, lse, scale, dropout_p, seed, rng_offset),
-                      num_warps=self.num_warps, num_stages=self.num_stages)  # fmt: skip
+        self.launcher(*self.arguments(q, k, v, out, lse, scale, dropout_p, seed, rng_offset), **self.options)
         return out, lse
 
     def arguments(self, q, k, v, out, lse, scale, dropout_p, seed, rng_offset) -> list:
@@ -109,7 +108,7 @@ class Sm90ForwardLaunch:
         self.grid = (math.ceil(n_q / config.block_m), heads_q, batch)
         self.launcher = self.kernel[self.grid]
         self.lse_shape = (batch, heads_q, n_q)
-        self.num_warps = config.num_warps
+        self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
         self.scalars = [heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
         element = {"fp16": gl.float16, "bf16": gl.bfloat16}[variant.dtype]
         # Q and the output move in boxes of one consumer warp group's rows; K and V in boxes of BLOCK_N rows.
@@ -136,11 +135,11 @@ class Sm90ForwardLaunch:
                                      "run other tensors")  # fmt: skip
                 self._fallback = ForwardLaunch(*self._fallback_args)
             return self._fallback(q, k, v, scale, out=out, lse=lse)
-        self.launcher(*self.arguments(q, k, v, out, lse, scale), num_warps=self.num_warps)
+        self.launcher(*self.arguments(q, k, v, out, lse, scale), **self.options)
         return out, lse
 
-    def arguments(self, q, k, v, out, lse, scale) -> list:
-        """The kernel's arguments, in its order."""
+    def arguments(self, q, k, v, out, lse, scale, dropout_p=0.0, seed=0, rng_offset=0) -> list:
+        """The kernel's arguments, in its order (as :meth:`ForwardLaunch.arguments`; no dropout stream)."""
         (q_box, q_layout), (kv_box, kv_layout) = self.descriptor_specs
         make = self.descriptor_type
         descriptors = [make(t, list(t.shape), list(t.stride()), box, layout)
@@ -226,11 +225,8 @@ def compile_forward(
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
     lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
     launch = forward_launch(template, variant, config, q.shape, kv.shape)
-    if template == FORWARD_SM90:
-        return launch.kernel.warmup(*launch.arguments(q, kv, kv, q, lse, 1.0), grid=launch.grid,
-                                    num_warps=config.num_warps)  # fmt: skip
     args = launch.arguments(q, kv, kv, q, lse, 1.0, 0.5, 0, 0)
-    return launch.kernel.warmup(*args, grid=launch.grid, num_warps=config.num_warps, num_stages=config.num_stages)
+    return launch.kernel.warmup(*args, grid=launch.grid, **launch.options)
 
 
 def dropout_keep_mask(

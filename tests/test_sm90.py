@@ -2,6 +2,7 @@
 what it compiles to for sm_90 (no GPU needed), and, marked `gpu`, its results against the float64 reference."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -180,7 +181,7 @@ def test_compiles_for_sm90_with_async_wgmma_and_no_spills_at_d64():
     cases = [(64, True, {"block_n": 128, "num_stages": 3, "pingpong": True}),
              (128, False, {"block_n": 64, "num_stages": 2})]
     benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE, str(benchmarks), json.dumps(cases)], capture_output=True,
                             text=True, timeout=600, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
