@@ -67,7 +67,8 @@ def main() -> None:
 @_knob_options
 @click.option("--template", type=click.Choice(list(TEMPLATES)), default="attn_fwd", show_default=True,
               help="The forward kernel (attn_fwd: Triton, any GPU; attn_fwd_sm90: Gluon, Hopper only), or the "
-                   "backward's three kernels.")  # fmt: skip
+                   "backward's kernels (attn_bwd: dQ, then dK/dV; with atomic_dq, a row preprocess, then "
+                   "dK/dV).")  # fmt: skip
 @click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
               help="Set a knob of --template by name (the only way for attn_fwd_sm90 and attn_bwd; their knobs: "
                    "templates/<template>.toml).")  # fmt: skip

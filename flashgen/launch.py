@@ -281,9 +281,6 @@ def attention_backward(
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)  # lse in log2 units
-    module.attn_bwd_preprocess[(math.ceil(n_q / config.block_m), heads_q, batch)](
-        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch
-    )
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
     inputs, tma = (q, k, v, grad_out), uses_tma(config)
@@ -293,16 +290,21 @@ def attention_backward(
     key_blocks = (math.ceil(n_k / config.block_n), heads_kv, batch)
     key_block_inputs = _backward_inputs(tma, inputs, config.block_m, config.block_n, variant.head_dim_padded)
     if config["atomic_dq"]:
+        module.attn_bwd_preprocess[(math.ceil(n_q / config.block_m), heads_q, batch)](
+            out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch
+        )
         dq_acc = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
         module.attn_bwd_dkdv[key_blocks](
             *key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
         )
         return dq_acc.to(q.dtype), dk, dv
+    # The dQ kernel first: it writes delta and lse2, which the dK/dV kernel reads.
     dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, **launch)
     query_blocks = (math.ceil(n_q / config.block_n), heads_q, batch)  # the dQ kernel's tiles are swapped
     query_block_inputs = _backward_inputs(tma, inputs, config.block_n, config.block_m, variant.head_dim_padded)
-    module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, lse2, delta, *strides, *dq.stride(), *common, **launch)
+    module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, out, lse, lse2, delta, *strides, *dq.stride(),
+                                     *out.stride(), *common, **launch)  # fmt: skip
+    module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, **launch)
     return dq, dk, dv
 
 
@@ -328,7 +330,7 @@ def compile_backward(
     shape: tuple[int, int, int, int, int] | None = None,
     device: torch.device | str = "cuda",
 ) -> None:
-    """Compile (without launching) the three backward kernels into Triton's on-disk cache for launches of
+    """Compile (without launching) the config's backward kernels into Triton's on-disk cache for launches of
     ``shape`` (B, Hq, Hkv, Nq, Nk); see :func:`compile_forward` for why the shape matters."""
     batch, heads_q, heads_kv, n_q, n_k = shape or (1, 1, 1, config.block_m, config.block_n)
     dtype = TORCH_DTYPES[variant.dtype]
@@ -337,15 +339,15 @@ def compile_backward(
     rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-    module.attn_bwd_preprocess.warmup(q, q, rows, rows, rows, *q.stride(), *q.stride(), heads_q, n_q, grid=row_grid,
-                                      **launch)  # fmt: skip
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
     strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
     key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)
     d, tma = variant.head_dim_padded, uses_tma(config)
     key_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_m, config.block_n, d)
     if config["atomic_dq"]:
+        row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+        module.attn_bwd_preprocess.warmup(q, q, rows, rows, rows, *q.stride(), *q.stride(), heads_q, n_q,
+                                          grid=row_grid, **launch)  # fmt: skip
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
         module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), dq_acc,
                                     *dq_acc.stride(), *common, grid=key_grid, **launch)  # fmt: skip
@@ -354,5 +356,5 @@ def compile_backward(
                                 **launch)  # fmt: skip
     query_grid = (math.ceil(n_q / config.block_n), heads_q, batch)
     query_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_n, config.block_m, d)
-    module.attn_bwd_dq.warmup(*query_block_inputs, q, rows, rows, *strides, *q.stride(), *common, grid=query_grid,
-                              **launch)  # fmt: skip
+    module.attn_bwd_dq.warmup(*query_block_inputs, q, q, rows, rows, rows, *strides, *q.stride(), *q.stride(), *common,
+                              grid=query_grid, **launch)  # fmt: skip
