@@ -83,7 +83,7 @@ def _compile_gluon_forward(variant: Variant, config):
     q_desc = f"tensordesc<{variant.dtype}[{', '.join(map(str, q_box))}],{q_layout!r}>"
     kv_desc = f"tensordesc<{variant.dtype}[{', '.join(map(str, kv_box))}],{kv_layout!r}>"
     signature = {"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "Lse": "*fp32",
-                 "qk_scale": "fp32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32"}
+                 "qk_scale": "fp32", "B": "i32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32"}
     if variant.causal:
         signature["causal_offset"] = "i32"
     assert list(signature) == launch.kernel.arg_names, f"the kernel's arguments changed: {launch.kernel.arg_names}"

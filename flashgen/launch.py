@@ -3,6 +3,7 @@ public API (``flashgen.ops``) checks its inputs, and the tuner passes what it ge
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -105,11 +106,15 @@ class Sm90ForwardLaunch:
         batch, heads_q, n_q, head_dim = q_shape
         heads_kv, n_k = k_shape[1], k_shape[2]
         self.kernel = kernel_module(FORWARD_SM90, variant, config).attn_fwd
-        self.grid = (math.ceil(n_q / config.block_m), heads_q, batch)
+        # The kernel runs every tile whatever the grid: one program per tile, or per SM when persistent (and a
+        # CUDA device says how many SMs it has; compiling without one needs no real grid).
+        tiles = math.ceil(n_q / config.block_m) * heads_q * batch
+        persistent = config["persistent"] and torch.cuda.is_available()
+        self.grid = (min(tiles, _sm_count(torch.cuda.current_device())) if persistent else tiles,)
         self.launcher = self.kernel[self.grid]
         self.lse_shape = (batch, heads_q, n_q)
         self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
-        self.scalars = [heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
+        self.scalars = [batch, heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
         element = {"fp16": gl.float16, "bf16": gl.bfloat16}[variant.dtype]
         # Q and the output move in boxes of one consumer warp group's rows; K and V in boxes of BLOCK_N rows.
         boxes = ([1, 1, config.block_m // 2, head_dim], [1, 1, config.block_n, head_dim])
@@ -146,6 +151,12 @@ class Sm90ForwardLaunch:
                        for t, box, layout in ((q, q_box, q_layout), (k, kv_box, kv_layout), (v, kv_box, kv_layout),
                                               (out, q_box, q_layout))]  # fmt: skip
         return [*descriptors, lse, scale * LOG2E, *self.scalars]
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent grids launch one program per SM)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _outputs(q, out, lse, lse_shape) -> tuple[torch.Tensor, torch.Tensor]:

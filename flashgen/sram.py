@@ -22,11 +22,12 @@ def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
 
 def estimate_sm90_shared_bytes(variant: Variant, config: TileConfig) -> int:
     """Shared memory of one program of the Hopper forward (attn_fwd_sm90), in bytes: the two consumers' Q
-    tiles (reused to stage the output), ``num_stages`` K and V buffers, and 512 bytes for the mbarriers, warp
-    specialisation and alignment (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-408 bytes
-    above the tiles)."""
+    tiles (reused to stage the output, except with ``persistent``, which stages it in tiles of its own),
+    ``num_stages`` K and V buffers, and 512 bytes for the mbarriers, warp specialisation and alignment
+    (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-408 bytes above the tiles)."""
     row_bytes = variant.head_dim * variant.element_size
-    return config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 512
+    query_tiles = 2 if config["persistent"] else 1
+    return query_tiles * config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 512
 
 
 def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:

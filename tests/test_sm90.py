@@ -3,6 +3,7 @@ what it compiles to for sm_90 (no GPU needed), and, marked `gpu`, its results ag
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from flashgen.checks import Case, run_case
 from flashgen.codegen import render, template_digest
 from flashgen.device import DeviceInfo
 from flashgen.entries import TunedEntry
+from flashgen.launch import Sm90ForwardLaunch
 from flashgen.reference import reference_attention, relative_error, tolerance
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import FORWARD, FORWARD_SM90, Variant, forward_template_of, knob_table
@@ -67,7 +69,11 @@ def test_shared_memory_model_prunes_what_does_not_fit_a_hopper():
     bucket = ShapeBucket.of(d128, batch=1, heads_q=16, heads_kv=16, n_q=4096, n_k=4096)
     space = search_space(bucket, sram_budget=H100_SHARED, template=FORWARD_SM90)
     assert too_big not in space and SM90.default_config() in space
-    assert len(space) == len(list(SM90.all_configs())) - 2  # n128 with 4 stages, with and without ping-pong
+    # A persistent program stages its output in tiles of its own: 32 KiB more at D=128.
+    assert not fits(d128, SM90.config(block_n=128, num_stages=3, persistent=True), H100_SHARED, FORWARD_SM90)
+    assert SM90.config(block_n=128, num_stages=2, persistent=True) in space
+    # Out: n128 with 4 stages (either ping-pong, either persistent), and n128 with 3 stages when persistent.
+    assert len(space) == len(list(SM90.all_configs())) - 6
 
 
 def test_short_sequences_keep_the_only_query_tile():
@@ -179,7 +185,8 @@ print(json.dumps(rows))
 
 def test_compiles_for_sm90_with_async_wgmma_and_no_spills_at_d64():
     cases = [(64, True, {"block_n": 128, "num_stages": 3, "pingpong": True}),
-             (128, False, {"block_n": 64, "num_stages": 2})]
+             (128, False, {"block_n": 64, "num_stages": 2}),
+             (64, True, {"block_n": 128, "num_stages": 3, "persistent": True})]
     benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE, str(benchmarks), json.dumps(cases)], capture_output=True,
@@ -192,13 +199,17 @@ def test_compiles_for_sm90_with_async_wgmma_and_no_spills_at_d64():
         assert "setmaxnreg" in row["ptx"]  # the producer warp gives its registers to the consumers
         assert row["estimate"] - 512 <= row["shared"] <= row["estimate"], row
     assert "0 bytes spill stores" in rows[0]["usage"], rows[0]["usage"]
+    assert "0 bytes spill stores" in rows[2]["usage"], rows[2]["usage"]
+    # A persistent program reuses its output tile: it waits until the last store has read it, then syncs its group.
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;\s+bar\.sync", rows[2]["ptx"])
 
 
 # --- On a Hopper GPU: against the float64 reference -----------------------------------------------------------
 
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                             reason="needs an sm_90 GPU")  # fmt: skip
-CONFIGS = [SM90.config(block_n=128, num_stages=3), SM90.config(block_n=64, num_stages=2, pingpong=True)]
+CONFIGS = [SM90.config(block_n=128, num_stages=3), SM90.config(block_n=64, num_stages=2, pingpong=True),
+           SM90.config(block_n=128, num_stages=2, pingpong=True, persistent=True)]
 # (B, Hq, Hkv, Nq, Nk): GQA with ragged lengths, more queries than keys (bottom-right: rows that see no key), decode.
 SHAPES = [(2, 4, 2, 333, 517), (1, 2, 1, 517, 333), (2, 2, 2, 1, 300)]
 
@@ -228,6 +239,28 @@ def test_any_scale_on_hopper(scale):
     same, _ = reference_attention(q, k, v, scale=scale, causal_offset=0, compute_dtype=torch.bfloat16)
     assert relative_error(out, ref) <= tolerance(torch.bfloat16, relative_error(same, ref))
     assert torch.allclose(lse.double().cpu(), ref_lse.cpu(), atol=1e-3)
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("programs", [1, 5])
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[2], SM90.config(block_n=64, num_stages=3, persistent=True)],
+                         ids=lambda c: c.key)  # fmt: skip
+@pytest.mark.parametrize("n_q, n_k, causal_offset", [(517, 700, None), (700, 517, 0), (517, 333, -184)])
+def test_a_program_runs_tile_after_tile(programs, config, n_q, n_k, causal_offset):
+    # A grid far smaller than the tiles: each program carries its ring position and barrier phases across tiles
+    # of different lengths (causal), with ragged tails, GQA and rows that see no key (the negative offset).
+    variant = Variant(64, "bf16", causal=causal_offset is not None)
+    q = torch.randn(2, 4, n_q, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, 2, n_k, 64, device="cuda", dtype=torch.bfloat16)
+    launch = Sm90ForwardLaunch(variant, config, q.shape, k.shape, causal_offset or 0)
+    launch.launcher = launch.kernel[(programs,)]
+    out = torch.full_like(q, float("nan"))
+    out, lse = launch(q, k, v, 0.125, out=out)
+    ref, ref_lse = reference_attention(q, k, v, scale=0.125, causal_offset=causal_offset)
+    same, _ = reference_attention(q, k, v, scale=0.125, causal_offset=causal_offset, compute_dtype=torch.bfloat16)
+    assert relative_error(out, ref) <= tolerance(torch.bfloat16, relative_error(same, ref))
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-3)
 
 
 @pytest.mark.gpu
