@@ -1,20 +1,25 @@
-"""Experiment (issue 6, v6 candidate): the backward's dK/dV kernel in Gluon with FlashAttention-3's schedule, beside
-attn_bwd's Triton dQ kernel. Not dispatched: this script checks it and times it against flashgen's backward and
-its peers, as benchmarks/gluon_forward.py (since removed) did for the forward before it became attn_fwd_sm90.
+"""Experiments (issue 6, v6 and v8): the backward's dK/dV kernel (v6) and dQ kernel (v8) in Gluon with
+FlashAttention-3's schedule, each beside attn_bwd's Triton kernels. This script checks them and times them against
+flashgen's backward and its peers, as benchmarks/gluon_forward.py (since removed) did for the forward before it
+became attn_fwd_sm90.
 
-    python benchmarks/gluon_backward.py --compile-only       # no GPU: compile for sm_90, print registers/spills
-    python benchmarks/gluon_backward.py --out DIR            # Hopper: check, then time the grid of issue 6
-    python benchmarks/gluon_backward.py --breakdown          # Hopper: each backward kernel's time alone
+    TRITON_INTERPRET=0 python benchmarks/gluon_backward.py --compile-only --dq-tiles 64-3   # no GPU: compile for
+                                                                   # sm_90, print registers and spills
+    python benchmarks/gluon_backward.py --out DIR --dq-tiles 64-3  # Hopper: check, then time the grid of issue 6
+    python benchmarks/gluon_backward.py --breakdown --dq-tiles 64-3  # Hopper: each backward kernel's time alone
 
-What it found (docs/hopper-notes.md, v6): correct, but 0.98-1.08x of attn_bwd's dK/dV kernel at D=128 and
-0.83-0.99x at D=64, so it was not made a template.
+What they found (docs/hopper-notes.md): the dK/dV kernel (v6) was correct, but 0.98-1.08x of attn_bwd's dK/dV
+kernel at D=128 and 0.83-0.99x at D=64, so it was not made a template. The dQ kernel (v8) with 64-key blocks and
+a 3-deep ring was 16-23% faster than attn_bwd's at D=128, and became the template attn_bwd_sm90: --dq-tiles now
+runs that template's kernel.
 
-The kernel. A program owns 2 * KEYS keys of one K/V head. One producer warp loads the program's K and V once,
+The dK/dV kernel. A program owns 2 * KEYS keys of one K/V head. One producer warp loads the program's K and V once,
 then Q and dO through a ring of NUM_STAGES buffers, block of BLOCK_M query rows by block. Two consumer warp
 groups own KEYS keys each and share the ring: per block they issue S^T = K Q^T and dP^T = V dO^T, then
 P^T = exp2(S^T * scale * log2(e) - lse2), dS^T = P^T (dP^T - delta), dV += P^T dO and dK += dS^T Q, with P^T and
 dS^T as register operands of the last two products. The two groups' softmax work overlaps the other's matrix
-products. dQ is left to attn_bwd's own dQ kernel (Gluon on Triton 3.6 has no bulk reduce-add for an atomic dQ).
+products. dQ is left to a dQ kernel of its own (Gluon on Triton 3.6 has no bulk reduce-add for an atomic dQ):
+attn_bwd's, or with --dq-tiles attn_bwd_sm90's Gluon one.
 """
 
 from __future__ import annotations
@@ -208,20 +213,34 @@ def gluon_dkdv(q, k, v, do, lse2, delta, scale, causal_offset, *, block_m=64, st
     return dk, dv
 
 
-class Backward:
-    """flashgen's backward with one attn_bwd config, its dK/dV kernel either Triton's (attn_bwd) or this Gluon one;
-    the preprocess and the dQ kernel are attn_bwd's in both."""
+def gluon_dq(q, k, v, do, out, lse, lse2, delta, scale, causal_offset, *, block_n=64, stages=2, dq=None):
+    """dQ (B, H_Q, N_Q, D) from attn_bwd_sm90's Gluon dQ kernel, which also fills lse2 and delta (float32
+    (B, H_Q, N_Q))."""
+    from flashgen.launch import sm90_dq
+    from flashgen.spec import BACKWARD_SM90, DTYPE_NAMES, Variant, knob_table
 
-    def __init__(self, variant, config, causal_offset, gluon_tiles=None):
+    dq = torch.empty_like(q) if dq is None else dq
+    variant = Variant(q.shape[-1], DTYPE_NAMES[q.dtype], causal=causal_offset is not None)
+    config = knob_table(BACKWARD_SM90).config(dq_block_n=block_n, dq_stages=stages)
+    sm90_dq(do, q, k, v, out, lse, dq, lse2, delta, variant, config, scale, causal_offset or 0)
+    return dq
+
+
+class Backward:
+    """flashgen's backward with one attn_bwd config; its dQ kernel (``dq_tiles``: BLOCK_N, NUM_STAGES) and its
+    dK/dV kernel (``gluon_tiles``: BLOCK_M, NUM_STAGES) either attn_bwd's Triton ones or this script's Gluon ones."""
+
+    def __init__(self, variant, config, causal_offset, gluon_tiles=None, dq_tiles=None):
         from flashgen.codegen import BACKWARD, kernel_module
 
         self.module = kernel_module(BACKWARD, variant, config)
         self.variant, self.config, self.causal_offset, self.gluon_tiles = variant, config, causal_offset, gluon_tiles
+        self.dq_tiles = dq_tiles
 
     def __call__(self, q, k, v, out, lse, do, scale):
         from flashgen import launch
 
-        if self.gluon_tiles is None:
+        if self.gluon_tiles is None and self.dq_tiles is None:
             return launch.attention_backward(do, q, k, v, out, lse, variant=self.variant, config=self.config,
                                              scale=scale, causal_offset=self.causal_offset or 0)
         config, module = self.config, self.module
@@ -233,14 +252,39 @@ class Backward:
         common = launch._backward_scalars(self.variant, heads_q, heads_kv, n_q, n_k, scale, self.causal_offset or 0,
                                           0.0, 0, 0)
         strides = [*q.stride(), *k.stride(), *v.stride(), *do.stride()]
-        dq = torch.empty_like(q)
-        inputs = launch._backward_inputs(True, (q, k, v, do), config.block_n, config.block_m, head_dim)
-        # attn_bwd's dQ kernel first: it writes delta and lse2 for the dK/dV kernel.
-        module.attn_bwd_dq[(math.ceil(n_q / config.block_n), heads_q, batch)](
-            *inputs, dq, out, lse, lse2, delta, *strides, *dq.stride(), *out.stride(), *common, **opts)
-        block_m, stages = self.gluon_tiles
-        dk, dv = gluon_dkdv(q, k, v, do, lse2, delta, scale, self.causal_offset, block_m=block_m, stages=stages)
+        tma = launch.uses_tma(config)
+        # The dQ kernel first: it writes delta and lse2 for the dK/dV kernel.
+        if self.dq_tiles is None:
+            dq = torch.empty_like(q)
+            inputs = launch._backward_inputs(tma, (q, k, v, do), config.block_n, config.block_m, head_dim)
+            module.attn_bwd_dq[(math.ceil(n_q / config.block_n), heads_q, batch)](
+                *inputs, dq, out, lse, lse2, delta, *strides, *dq.stride(), *out.stride(), *common, **opts)
+        else:
+            block_n, stages = self.dq_tiles
+            dq = gluon_dq(q, k, v, do, out, lse, lse2, delta, scale, self.causal_offset, block_n=block_n,
+                          stages=stages)
+        if self.gluon_tiles is None:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            inputs = launch._backward_inputs(tma, (q, k, v, do), config.block_m, config.block_n, head_dim)
+            module.attn_bwd_dkdv[(math.ceil(n_k / config.block_n), heads_kv, batch)](
+                *inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, **opts)
+        else:
+            block_m, stages = self.gluon_tiles
+            dk, dv = gluon_dkdv(q, k, v, do, lse2, delta, scale, self.causal_offset, block_m=block_m, stages=stages)
         return dq, dk, dv
+
+
+def runs_of(dq_tiles, dkdv_tiles) -> dict:
+    """The backward combinations to check and time, by column name: Gluon dQ with Triton's dK/dV, and each
+    Gluon dQ beside each Gluon dK/dV."""
+    runs = {}
+    for n, s in dq_tiles:
+        runs[f"gdq n{n}-s{s}"] = (None, (n, s))
+        for m, t in dkdv_tiles:
+            runs[f"gdq n{n}-s{s} + gdkdv m{m}-s{t}"] = ((m, t), (n, s))
+    for m, t in dkdv_tiles:
+        runs.setdefault(f"gdkdv m{m}-s{t}", ((m, t), None))
+    return runs
 
 
 def reference_grads(q, k, v, do, scale, causal_offset):
@@ -259,7 +303,7 @@ def reference_grads(q, k, v, do, scale, causal_offset):
     return q64.grad, k64.grad, v64.grad
 
 
-def check(cases, tiles) -> list[dict]:
+def check(cases, runs) -> list[dict]:
     from flashgen.launch import attention_forward
     from flashgen.reference import relative_error
     from flashgen.spec import Variant, knob_table
@@ -278,22 +322,22 @@ def check(cases, tiles) -> list[dict]:
         out, lse = attention_forward(q, k, v, variant=variant, config=fwd, scale=scale, causal_offset=offset or 0)
         bwd = knob_table("attn_bwd").config(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True)
         ref = reference_grads(q, k, v, do, scale, offset)
-        for block_m, stages in tiles:
-            run = Backward(variant, bwd, offset, gluon_tiles=(block_m, stages))
-            dq, dk, dv = run(q, k, v, out, lse, do, scale)
-            errors = [relative_error(got, want) for got, want in zip((dq, dk, dv), ref)]
+        for name, (dkdv_tiles, dq_tiles) in runs.items():
+            run = Backward(variant, bwd, offset, gluon_tiles=dkdv_tiles, dq_tiles=dq_tiles)
+            grads = run(q, k, v, out, lse, do, scale)
+            errors = [relative_error(got, want) for got, want in zip(grads, ref)]
             ok = all(e <= 2e-2 for e in errors)  # also false on NaN
             results.append({"dtype": dtype, "head_dim": head_dim, "causal": causal, "shape": [b, hq, hkv, n_q, n_k],
-                            "block_m": block_m, "stages": stages, "errors": errors, "ok": ok})
-            print(f"check {dtype} d{head_dim} {causal or 'full'} {(b, hq, hkv, n_q, n_k)} m{block_m}-s{stages}: "
+                            "run": name, "errors": errors, "ok": ok})
+            print(f"check {dtype} d{head_dim} {causal or 'full'} {(b, hq, hkv, n_q, n_k)} {name}: "
                   f"dq {errors[0]:.1e} dk {errors[1]:.1e} dv {errors[2]:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     return results
 
 
-def bench(head_dims, seqlens, tiles, peers) -> list[dict]:
+def bench(head_dims, seqlens, runs, peers) -> list[dict]:
     from flashgen.bench import Point, bench_point
     from flashgen.device import device_info
-    from flashgen.dispatch import backward_choice
+    from flashgen.dispatch import choose
     from flashgen.launch import attention_forward
     from flashgen.shapes import ShapeBucket
     from flashgen.spec import Variant, knob_table
@@ -312,14 +356,14 @@ def bench(head_dims, seqlens, tiles, peers) -> list[dict]:
                 variant = Variant(head_dim, "bf16", causal=causal)
                 bucket = ShapeBucket.of(variant, batch=point.batch, heads_q=point.heads, heads_kv=point.heads,
                                         n_q=seqlen, n_k=seqlen)
-                config = backward_choice(bucket, device_info(q.device)).config  # the shipped cache's (v4)
+                config = choose("attn_bwd", bucket, device_info(q.device)).config  # the shipped cache's
                 fwd = knob_table("attn_fwd").config(block_m=128, block_n=64, num_warps=8, num_stages=3)
                 scale = head_dim ** -0.5
                 out, lse = attention_forward(q, k, v, variant=variant, config=fwd, scale=scale)
                 offset = 0 if causal else None
                 row["v4 config"] = config.key
-                for name, gluon_tiles in [("v4", None)] + [(f"gluon m{m}-s{s}", (m, s)) for m, s in tiles]:
-                    run = Backward(variant, config, offset, gluon_tiles=gluon_tiles)
+                for name, (dkdv_tiles, dq_tiles) in [("v4", (None, None)), *runs.items()]:
+                    run = Backward(variant, config, offset, gluon_tiles=dkdv_tiles, dq_tiles=dq_tiles)
                     try:
                         ms = median_ms(lambda: run(q, k, v, out, lse, do, scale))
                         row[name] = tflops(point.flops, ms)
@@ -331,13 +375,13 @@ def bench(head_dims, seqlens, tiles, peers) -> list[dict]:
     return rows
 
 
-def breakdown(head_dims, seqlens, tiles) -> list[dict]:
-    """Milliseconds of each backward kernel alone, with the config dispatch picks, and of the Gluon dK/dV kernel
-    beside attn_bwd's: where the backward's time goes."""
+def breakdown(head_dims, seqlens, tiles, dq_tiles) -> list[dict]:
+    """Milliseconds of each backward kernel alone, with the config dispatch picks, and of the Gluon dK/dV and dQ
+    kernels beside attn_bwd's: where the backward's time goes."""
     from flashgen import launch
     from flashgen.bench import Point
     from flashgen.device import device_info
-    from flashgen.dispatch import backward_choice
+    from flashgen.dispatch import choose
     from flashgen.shapes import ShapeBucket
     from flashgen.spec import Variant
     from flashgen.timing import median_ms
@@ -353,7 +397,7 @@ def breakdown(head_dims, seqlens, tiles) -> list[dict]:
                 variant = Variant(head_dim, "bf16", causal=causal)
                 bucket = ShapeBucket.of(variant, batch=point.batch, heads_q=point.heads, heads_kv=point.heads,
                                         n_q=seqlen, n_k=seqlen)
-                config = backward_choice(bucket, device_info(q.device)).config
+                config = choose("attn_bwd", bucket, device_info(q.device)).config  # attn_bwd's, not Hopper's
                 run = Backward(variant, config, 0 if causal else None)
                 module, opts = run.module, {"num_warps": config.num_warps, "num_stages": config.num_stages}
                 batch, heads, n, d = shape
@@ -372,8 +416,11 @@ def breakdown(head_dims, seqlens, tiles) -> list[dict]:
                 # dQ (which writes delta and lse2) runs first, as in a backward call.
                 row = {"point": [head_dim, causal, seqlen], "config": config.key, "dq": median_ms(dqk),
                        "dkdv": median_ms(dkdv), "total": median_ms(lambda: run(q, k, v, out, lse, do, d ** -0.5))}
+                offset = 0 if causal else None
+                for block_n, stages in dq_tiles:
+                    row[f"gluon dq n{block_n}-s{stages}"] = median_ms(lambda: gluon_dq(
+                        q, k, v, do, out, lse, lse2, delta, d ** -0.5, offset, block_n=block_n, stages=stages, dq=dq))
                 for block_m, stages in tiles:
-                    offset = 0 if causal else None
                     row[f"gluon dkdv m{block_m}-s{stages}"] = median_ms(lambda: gluon_dkdv(
                         q, k, v, do, lse2, delta, d ** -0.5, offset, block_m=block_m, stages=stages, dk=dk, dv=dv))
                 rows.append(row)
@@ -394,7 +441,7 @@ def summarize(rows, gluon_columns) -> None:
               + " | " + " ".join(f"{r:.2f}" for r in ratios))
 
 
-def compile_only(tiles) -> None:
+def compile_only(tiles, dq_tiles) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -424,13 +471,26 @@ def compile_only(tiles) -> None:
                 sizes = ", ".join(str(sum(c.values())) for c in loops)
                 print(f"d{head_dim} {'causal' if causal else 'full'} m{block_m}-s{stages}: {resource_usage(compiled)}; "
                       f"shared {compiled.metadata.shared} B; innermost loops: {sizes} instructions", flush=True)
+            for block_n, stages in dq_tiles:
+                from sass_report import compile_for_sm90
+                from flashgen.spec import Variant, knob_table
+
+                config = knob_table("attn_bwd_sm90").config(dq_block_n=block_n, dq_stages=stages)
+                compiled = compile_for_sm90("attn_bwd_sm90", "attn_bwd_dq", Variant(head_dim, "bf16", causal=causal),
+                                            config)  # fmt: skip
+                sizes = ", ".join(str(sum(c.values())) for c in loop_opcodes(compiled))
+                print(f"dq d{head_dim} {'causal' if causal else 'full'} n{block_n}-s{stages}: "
+                      f"{resource_usage(compiled)}; shared {compiled.metadata.shared} B; innermost loops: {sizes} "
+                      "instructions", flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--tiles", nargs="*", default=["64-2", "64-3"], help="BLOCK_M-NUM_STAGES of the Gluon kernel")
+    parser.add_argument("--tiles", nargs="*", default=["64-2", "64-3"],
+                        help="BLOCK_M-NUM_STAGES of the Gluon dK/dV kernel")
+    parser.add_argument("--dq-tiles", nargs="*", default=[], help="BLOCK_N-NUM_STAGES of the Gluon dQ kernel")
     parser.add_argument("--head-dim", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--seqlen", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--peer", nargs="*", default=["flashgen", "cudnn", "flash", "flex"])
@@ -438,11 +498,13 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="time each backward kernel alone instead")
     args = parser.parse_args(argv)
     tiles = [tuple(int(x) for x in t.split("-")) for t in args.tiles]
+    dq_tiles = [tuple(int(x) for x in t.split("-")) for t in args.dq_tiles]
+    runs = runs_of(dq_tiles, tiles)
     if args.compile_only:
-        compile_only(tiles)
+        compile_only(tiles, dq_tiles)
         return 0
     if args.breakdown:
-        rows = breakdown(args.head_dim, args.seqlen, tiles)
+        rows = breakdown(args.head_dim, args.seqlen, tiles, dq_tiles)
         if args.out:
             (args.out / "gluon-bwd-breakdown.json").write_text(json.dumps(rows, indent=1))
         return 0
@@ -451,14 +513,14 @@ def main(argv=None) -> int:
         cases = [(dt, d, c, shape) for dt in ("fp16", "bf16") for d in (64, 128)
                  for c in (None, "top_left", "bottom_right")
                  for shape in ((2, 4, 2, 300, 200), (1, 2, 2, 256, 384))]
-        results["check"] = check(cases, tiles)
+        results["check"] = check(cases, runs)
         if not all(r["ok"] for r in results["check"]):
             print("checks failed: not timing")
             if args.out:
                 (args.out / "gluon-bwd.json").write_text(json.dumps(results, indent=1))
             return 1
-    results["bench"] = bench(args.head_dim, args.seqlen, tiles, tuple(args.peer))
-    summarize(results["bench"], [f"gluon m{m}-s{s}" for m, s in tiles])
+    results["bench"] = bench(args.head_dim, args.seqlen, runs, tuple(args.peer))
+    summarize(results["bench"], list(runs))
     if args.out:
         (args.out / "gluon-bwd.json").write_text(json.dumps(results, indent=1))
     return 0

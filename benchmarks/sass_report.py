@@ -22,15 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flashgen.codegen import kernel_module  # noqa: E402
-from flashgen.spec import Variant, knob_table  # noqa: E402
+from flashgen.spec import TORCH_DTYPES, Variant, knob_table  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-KERNELS = {"attn_fwd": ["attn_fwd"], "attn_fwd_sm90": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"]}
+KERNELS = {"attn_fwd": ["attn_fwd"], "attn_fwd_sm90": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"],
+           "attn_bwd_sm90": ["attn_bwd_dq", "attn_bwd_dkdv"]}
 ELEMENT_POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FLOAT32_POINTERS = {"Lse", "Lse2", "Delta", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -50,6 +52,12 @@ def descriptor_rows(template: str, kernel: str, config) -> dict[str, int]:
 def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
     if template == "attn_fwd_sm90":
         return _compile_gluon_forward(variant, config)
+    if template == "attn_bwd_sm90" and kernel == "attn_bwd_dq":
+        return _compile_gluon_dq(variant, config)
+    if template == "attn_bwd_sm90":  # its dK/dV kernel is attn_bwd's
+        from flashgen.launch import dkdv_config_of
+
+        template, config = "attn_bwd", dkdv_config_of(config)
     fn = getattr(kernel_module(template, variant, config), kernel)
     rows = descriptor_rows(template, kernel, config)
     signature, constexprs, attrs = {}, {}, {}
@@ -70,6 +78,34 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _gluon_descriptor_type(variant: Variant, rows: int) -> str:
+    from flashgen.launch import _gluon_descriptor
+
+    layout = _gluon_descriptor(torch.empty(1, 1, rows, variant.head_dim, dtype=TORCH_DTYPES[variant.dtype]), rows,
+                               variant).layout  # fmt: skip
+    return f"tensordesc<{variant.dtype}[1, 1, {rows}, {variant.head_dim}],{layout!r}>"
+
+
+def _compile_gluon_dq(variant: Variant, config):
+    """attn_bwd_sm90's dQ kernel (Gluon) with the descriptors :mod:`flashgen.launch` builds for it."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = kernel_module("attn_bwd_sm90", variant, config).attn_bwd_dq
+    rows, keys = _gluon_descriptor_type(variant, 64), _gluon_descriptor_type(variant, config["dq_block_n"])
+    signature = {"q_desc": rows, "k_desc": keys, "v_desc": keys, "do_desc": rows, "dq_desc": rows,
+                 "Out": f"*{variant.dtype}", "Lse": "*fp32", "Lse2": "*fp32", "Delta": "*fp32", "stride_ob": "i32",
+                 "stride_oh": "i32", "stride_om": "i32", "qk_scale": "fp32", "sm_scale": "fp32", "H_Q": "i32",
+                 "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32"}
+    if variant.causal:
+        signature["causal_offset"] = "i32"
+    assert list(signature) == kernel.arg_names, f"the kernel's arguments changed: {kernel.arg_names}"
+    names = list(signature)
+    aligned = ("Out", "Lse", "Lse2", "Delta", "stride_ob", "stride_oh", "stride_om", "N_Q", "N_K")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = GluonASTSource(kernel, signature, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
 def _compile_gluon_forward(variant: Variant, config):

@@ -22,7 +22,16 @@ from flashgen.device import device_info
 from flashgen.defaults import default_backward_config, default_config
 from flashgen.ops import attention, explain
 from flashgen.reference import reference_attention, relative_error
-from flashgen.spec import BACKWARD, FORWARD, FORWARD_TEMPLATES, TORCH_DTYPES, TileConfig, Variant, knob_table
+from flashgen.spec import (
+    BACKWARD,
+    BACKWARD_TEMPLATES,
+    FORWARD,
+    FORWARD_TEMPLATES,
+    TORCH_DTYPES,
+    TileConfig,
+    Variant,
+    knob_table,
+)
 from flashgen.timing import attention_flops, median_ms, tflops
 
 PEERS = ("flashgen", "default", "cudnn", "flash", "efficient", "flex")  # flashgen: as dispatched; default: its default configs
@@ -116,7 +125,7 @@ def _parse_config_key(text: str, *, backward: bool) -> TileConfig:
     template, sep, key = text.rpartition(":")
     if not sep:
         template = BACKWARD if backward else FORWARD
-    allowed = (BACKWARD,) if backward else FORWARD_TEMPLATES
+    allowed = BACKWARD_TEMPLATES if backward else FORWARD_TEMPLATES
     if template not in allowed:
         raise ValueError(f"config {text!r}: the template must be one of {list(allowed)}, got {template!r}")
     return knob_table(template).parse_key(key)

@@ -13,11 +13,21 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashgen.device import DeviceInfo, device_info
-from flashgen.defaults import default_backward_config, default_for
+from flashgen.defaults import default_for
 from flashgen.launch import attention_backward, attention_forward, dropout_keep_mask
 from flashgen.ops import draw_dropout_seed
 from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
-from flashgen.spec import FORWARD, FORWARD_SM90, TORCH_DTYPES, TileConfig, Variant, causal_offset, knob_table
+from flashgen.spec import (
+    BACKWARD,
+    BACKWARD_SM90,
+    FORWARD,
+    FORWARD_SM90,
+    TORCH_DTYPES,
+    TileConfig,
+    Variant,
+    causal_offset,
+    knob_table,
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,8 @@ def random_inputs(case: Case, device: torch.device | str) -> tuple[torch.Tensor,
 
 def run_case(case: Case, device: torch.device | str, config: TileConfig | None = None, *, gradients: bool = False) -> Result:
     """Run the forward kernel of ``case`` (its template's default config unless ``config`` is given; with
-    ``gradients`` also the backward kernels, with their default config) on fresh inputs and compare with the
-    float64 reference."""
+    ``gradients`` also the backward kernels, with their default config: attn_bwd_sm90's for attn_fwd_sm90's
+    cases) on fresh inputs and compare with the float64 reference."""
     info: DeviceInfo = device_info(device)
     variant = case.variant
     config = config or default_for(case.template, variant, info)
@@ -116,8 +126,9 @@ def run_case(case: Case, device: torch.device | str, config: TileConfig | None =
     grad_error = grad_tolerance = None
     if gradients:
         grad_out = torch.randn_like(out)
+        backward = BACKWARD_SM90 if case.template == FORWARD_SM90 else BACKWARD  # Hopper's cases: Hopper's kernels
         ours = attention_backward(
-            grad_out, q, k, v, out, lse, variant=variant, config=default_backward_config(variant, info),
+            grad_out, q, k, v, out, lse, variant=variant, config=default_for(backward, variant, info),
             scale=1.0 / math.sqrt(case.head_dim), causal_offset=offset or 0, dropout_p=case.dropout_p, seed=seed,
         )  # fmt: skip
         options = {"causal_offset": offset, "dropout_keep": keep, "dropout_p": case.dropout_p}

@@ -68,14 +68,14 @@ def main() -> None:
 @click.option("--template", type=click.Choice(list(TEMPLATES)), default="attn_fwd", show_default=True,
               help="The forward kernel (attn_fwd: Triton, any GPU; attn_fwd_sm90: Gluon, Hopper only), or the "
                    "backward's kernels (attn_bwd: dQ, then dK/dV; with atomic_dq, a row preprocess, then "
-                   "dK/dV).")  # fmt: skip
+                   "dK/dV; attn_bwd_sm90: its Gluon dQ kernel, Hopper only, before attn_bwd's dK/dV).")  # fmt: skip
 @click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
-              help="Set a knob of --template by name (the only way for attn_fwd_sm90 and attn_bwd; their knobs: "
-                   "templates/<template>.toml).")  # fmt: skip
+              help="Set a knob of --template by name (the only way for the templates other than attn_fwd; their "
+                   "knobs: templates/<template>.toml).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the source here instead of stdout.")
 def generate(head_dim: int, dtype: str, causal: bool, dropout: bool, template: str, knob_items: tuple[str, ...],
              output: Path | None, **knobs) -> None:  # fmt: skip
-    """Print the Triton (or, for attn_fwd_sm90, Gluon) source for a variant and tile config.
+    """Print the Triton (or, for attn_fwd_sm90 and attn_bwd_sm90, Gluon) source for a variant and tile config.
 
     Knobs left out take the template's defaults (templates/<template>.toml). The --block-m ... flags set the
     forward template's knobs; --knob NAME=VALUE sets any template's.
@@ -232,7 +232,7 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--config", "config_keys", multiple=True, metavar="KEY",
               help="Also run flashgen forced to this tile config, e.g. m128-n64-w8-s3-tma=1, or one of another "
                    "template, attn_fwd_sm90:m128-n128-w4-s3 (repeatable; knobs left out take their defaults; a "
-                   "backward config with --direction bwd).")  # fmt: skip
+                   "backward config with --direction bwd, attn_bwd_sm90:... for Hopper's).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
@@ -404,7 +404,7 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True, help="Stop a bucket after this many measured configs without improvement.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd", "both"]), default="fwd", show_default=True,
               help="Tune the forward kernels (attn_fwd, and attn_fwd_sm90 on Hopper for what it runs), the backward "
-                   "kernels (their own knob table and entries), or both.")  # fmt: skip
+                   "kernels (attn_bwd, and attn_bwd_sm90 on Hopper), or both.")  # fmt: skip
 @click.option("--template", "only_templates", type=click.Choice(list(TEMPLATES)), multiple=True,
               help="Tune only these templates (instead of --direction).")  # fmt: skip
 @click.option("--exhaustive", is_flag=True, help="Measure the whole pruned space (how the sampler is judged).")
@@ -452,7 +452,7 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
         too_big = [b.key for b in buckets if b.n_q * b.n_k * b.batch_heads > 64 * 64 * 64 or "bf16" in b.key]
         if too_big:
             raise click.UsageError(f"too large (or bf16) for the interpreter: {too_big[:3]}...; use --preset tiny or a GPU")
-    from flashgen.spec import BACKWARD, FORWARD_TEMPLATES
+    from flashgen.spec import BACKWARD, BACKWARD_TEMPLATES, FORWARD_TEMPLATES
 
     def refusal(template, bucket, info):
         return knob_table(template).refusal(bucket.variant, info)
@@ -461,7 +461,8 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
         templates = list(dict.fromkeys(only_templates))
     else:
         forward = [FORWARD] + [t for t in FORWARD_TEMPLATES[1:] if any(refusal(t, b, info) is None for b in buckets)]
-        templates = {"fwd": forward, "bwd": [BACKWARD], "both": [*forward, BACKWARD]}[direction]
+        backward = [BACKWARD] + [t for t in BACKWARD_TEMPLATES[1:] if any(refusal(t, b, info) is None for b in buckets)]
+        templates = {"fwd": forward, "bwd": backward, "both": [*forward, *backward]}[direction]
     if space_items and len(templates) > 1:
         raise click.UsageError(f"--space names knobs of one template, and this run tunes {', '.join(templates)}: "
                                "name one with --template")  # fmt: skip

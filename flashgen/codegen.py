@@ -59,11 +59,16 @@ def _jinja_files(source: str) -> list[str]:
 @cache
 def template_digest(template: str) -> str:
     """Hash of everything that renders ``template``: its knob table, its Jinja source and the Jinja files
-    that source imports (so editing one template leaves the other templates' digests, and the tuned
-    entries checked against them, as they are)."""
+    that source imports, and the same of each template its table ``uses`` (so editing one template leaves the
+    digests of the templates that do not run its kernels, and the tuned entries checked against them, as they
+    are)."""
     digest = hashlib.sha256()
     folder = templates_dir()
-    for name in [f"{template}.toml", *_jinja_files(knob_table(template).source)]:
+    table = knob_table(template)
+    names = [f"{template}.toml", *_jinja_files(table.source)]
+    for used in table.uses:  # the templates whose kernels this one runs too (after its own files)
+        names += [n for n in (f"{used}.toml", *_jinja_files(knob_table(used).source)) if n not in names]
+    for name in names:
         digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

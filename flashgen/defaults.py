@@ -8,10 +8,11 @@ from functools import cache
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
-from flashgen.spec import FORWARD_SM90, TileConfig, Variant, knob_table
+from flashgen.spec import BACKWARD_SM90, FORWARD_SM90, TileConfig, Variant, knob_table
 from flashgen.sram import (
     estimate_backward_shared_bytes,
     estimate_shared_bytes,
+    estimate_sm90_backward_shared_bytes,
     estimate_sm90_shared_bytes,
     shared_budget,
 )
@@ -115,9 +116,31 @@ def default_sm90_config(variant: Variant, device: DeviceInfo, *, sram_budget: in
     return config
 
 
+# Hopper's own backward (attn_bwd_sm90): the dK/dV tiles attn_bwd's tuning chose at each head dim, and the Gluon
+# dQ kernel's fastest ring in the 2026-11-22 experiment on the H100 (docs/hopper-notes.md, v8): 64-key blocks,
+# 3 deep.
+_SM90_BACKWARD_PREFERENCE = {
+    64: [(64, 64, 4, 3, {"dq_block_n": 64, "dq_stages": 3}), (64, 64, 4, 2, {"dq_block_n": 64, "dq_stages": 2})],
+    128: [(64, 64, 4, 2, {"dq_block_n": 64, "dq_stages": 3}), (64, 64, 4, 2, {"dq_block_n": 64, "dq_stages": 2})],
+}
+
+
+@cache
+def default_sm90_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+    """The attn_bwd_sm90 config used when nothing tuned is known and where its searches start."""
+    candidates = _SM90_BACKWARD_PREFERENCE.get(variant.head_dim, _SM90_BACKWARD_PREFERENCE[128])
+    config = _first_fitting(BACKWARD_SM90, candidates, variant, device, sram_budget,
+                            estimate_sm90_backward_shared_bytes)  # fmt: skip
+    if config is None:
+        raise ValueError(f"no {BACKWARD_SM90} config for {variant.key} fits a shared-memory budget of "
+                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
+    return config
+
+
 def default_for(template: str, variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
-    """The default config of ``template`` (attn_fwd, attn_fwd_sm90 or attn_bwd)."""
-    defaults = {FORWARD: default_config, FORWARD_SM90: default_sm90_config, BACKWARD: default_backward_config}
+    """The default config of ``template`` (attn_fwd, attn_fwd_sm90, attn_bwd or attn_bwd_sm90)."""
+    defaults = {FORWARD: default_config, FORWARD_SM90: default_sm90_config, BACKWARD: default_backward_config,
+                BACKWARD_SM90: default_sm90_backward_config}  # fmt: skip
     if template not in defaults:
         raise ValueError(f"template must be one of {sorted(defaults)}, got {template!r}")
     return defaults[template](variant, device, sram_budget=sram_budget)

@@ -14,10 +14,11 @@ Lookup order for a (template, bucket):
    larger bucket), so a shape between tuned ones borrows its neighbour's tiles.
 3. ``default``: :mod:`flashgen.defaults`' heuristic.
 
-The forward has two templates: attn_fwd (Triton, every GPU) and attn_fwd_sm90 (Gluon, Hopper; fp16/bf16, head
-dim 64 or 128, no dropout). Where both can run, each is looked up as above and the better answer wins: an
-exact entry over a borrowed one, a nearer borrowed bucket over a farther one, then the faster tuned time (both
-are timed by the same evaluator on the same shapes); with neither tuned, attn_fwd's default.
+Each direction has two templates: the forward attn_fwd (Triton, every GPU) and attn_fwd_sm90 (Gluon, Hopper;
+fp16/bf16, head dim 64 or 128, no dropout), the backward attn_bwd (Triton) and attn_bwd_sm90 (a Gluon dQ kernel
+before attn_bwd's dK/dV kernel; the same limits). Where both can run, each is looked up as above and the better
+answer wins: an exact entry over a borrowed one, a nearer borrowed bucket over a farther one, then the faster
+tuned time (both are timed by the same evaluator on the same shapes); with neither tuned, the Triton default.
 
 Decisions are memoised per (template, variant, bucket), so the runtime cost after the first call of a shape
 is a dictionary lookup. ``FLASHGEN_LOG=1`` logs each decision when it is first made (logger
@@ -46,7 +47,17 @@ from flashgen.device import DeviceInfo, toolchain
 from flashgen.entries import TunedEntry
 from flashgen.resources import default_database_url, tuning_db_dir
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD, FORWARD_TEMPLATES, TEMPLATES, TileConfig, Variant, forward_template_of, knob_table
+from flashgen.spec import (
+    BACKWARD,
+    BACKWARD_TEMPLATES,
+    FORWARD_TEMPLATES,
+    TEMPLATES,
+    TileConfig,
+    Variant,
+    backward_template_of,
+    forward_template_of,
+    knob_table,
+)
 
 def env_flag(name: str) -> bool:
     """An on/off environment variable: unset, empty, 0, false, no and off are off."""
@@ -302,35 +313,41 @@ def _autotune(template: str, bucket: ShapeBucket, device: DeviceInfo) -> bool:
 _CHOICE_KINDS = ("requested", "tuned", "nearest", "default")
 
 
-def _preference(choice: Choice) -> tuple:
-    """Sort key of forward choices, best first (see the module docstring)."""
+def _preference(choice: Choice, templates: tuple[str, ...]) -> tuple:
+    """Sort key of one direction's choices, best first (see the module docstring)."""
     distance = bucket_distance(choice.bucket, choice.tuned_bucket) if choice.kind == "nearest" else 0.0
     median = choice.tuned_ms if choice.tuned_ms is not None else math.inf
-    return _CHOICE_KINDS.index(choice.kind), distance, median, FORWARD_TEMPLATES.index(choice.template)
+    return _CHOICE_KINDS.index(choice.kind), distance, median, templates.index(choice.template)
+
+
+def _best_choice(templates: tuple[str, ...], template_of, bucket: ShapeBucket, device: DeviceInfo,
+                 requested: TileConfig | None) -> Choice:  # fmt: skip
+    if requested is not None:
+        template = template_of(requested)
+        reason = knob_table(template).refusal(bucket.variant, device)
+        if reason is not None:
+            raise ValueError(f"config {requested.key} is of {template}, which cannot run {reason}")
+        return choose(template, bucket, device, requested)
+    choices = [choose(template, bucket, device) for template in templates
+               if knob_table(template).refusal(bucket.variant, device) is None]  # fmt: skip
+    return min(choices, key=lambda choice: _preference(choice, templates))
 
 
 def forward_choice(bucket: ShapeBucket, device: DeviceInfo, requested: TileConfig | None = None) -> Choice:
     """The forward choice among the forward templates that can run ``bucket`` on ``device``; a requested
     config runs with its own template (ValueError if that template cannot run the call)."""
-    if requested is not None:
-        template = forward_template_of(requested)
-        reason = knob_table(template).refusal(bucket.variant, device)
-        if reason is not None:
-            raise ValueError(f"config {requested.key} is of {template}, which cannot run {reason}")
-        return choose(template, bucket, device, requested)
-    choices = [choose(template, bucket, device) for template in FORWARD_TEMPLATES
-               if knob_table(template).refusal(bucket.variant, device) is None]  # fmt: skip
-    return min(choices, key=_preference)
+    return _best_choice(FORWARD_TEMPLATES, forward_template_of, bucket, device, requested)
 
 
 def backward_choice(
     bucket: ShapeBucket, device: DeviceInfo, requested: TileConfig | None = None, *, deterministic: bool = False
 ) -> Choice:
-    """The backward choice; with ``deterministic``, a picked config is switched to the separate dQ kernel
-    (no atomics). A requested config is used as it is (``flashgen.attention`` refuses an atomic one when
-    deterministic gradients are asked for)."""
-    choice = choose(BACKWARD, bucket, device, requested)
-    if deterministic and requested is None and choice.config["atomic_dq"]:
+    """The backward choice among the backward templates that can run ``bucket`` on ``device``, as
+    :func:`forward_choice` picks; with ``deterministic``, a picked attn_bwd config is switched to the separate
+    dQ kernel (no atomics; attn_bwd_sm90 has none). A requested config is used as it is (``flashgen.attention``
+    refuses an atomic one when deterministic gradients are asked for)."""
+    choice = _best_choice(BACKWARD_TEMPLATES, backward_template_of, bucket, device, requested)
+    if deterministic and requested is None and choice.template == BACKWARD and choice.config["atomic_dq"]:
         choice = replace(choice, config=_without_atomics(choice.config))
     return choice
 

@@ -10,7 +10,15 @@ import torch
 
 from flashgen.codegen import BACKWARD, FORWARD, kernel_module
 from flashgen.device import import_triton, tensor_descriptor_type
-from flashgen.spec import FORWARD_SM90, TORCH_DTYPES, TileConfig, Variant
+from flashgen.spec import (
+    BACKWARD_SM90,
+    FORWARD_SM90,
+    TORCH_DTYPES,
+    TileConfig,
+    Variant,
+    backward_template_of,
+    knob_table,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -278,16 +286,22 @@ def attention_backward(
     seed: int = 0,
     rng_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of the
-    backward template. grad_out and out: (B, Hq, Nq, D), any strides; lse: the forward's, contiguous.
-    Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous, in q's dtype. Deterministic unless
-    the config's ``atomic_dq`` knob is set (dQ is then summed with float32 atomic adds in varying order)."""
+    """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of a
+    backward template (attn_bwd, or attn_bwd_sm90 on Hopper). grad_out and out: (B, Hq, Nq, D), any strides;
+    lse: the forward's, contiguous. Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous, in q's
+    dtype. Deterministic unless the config's ``atomic_dq`` knob is set (dQ is then summed with float32 atomic
+    adds in varying order). attn_bwd_sm90 loads through TMA: calls whose tensors it cannot address run
+    attn_bwd with the same dK/dV tiles."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty_like(dk)
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
+    if backward_template_of(config) == BACKWARD_SM90:
+        if tma_ready(q, k, v, grad_out) and out.stride(-1) == 1 and not dropout_p:
+            return _sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset)
+        config = without_tma(dkdv_config_of(config))  # the same dK/dV tiles, and attn_bwd's dQ kernel
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
@@ -319,6 +333,62 @@ def attention_backward(
     return dq, dk, dv
 
 
+def dkdv_config_of(config: TileConfig) -> TileConfig:
+    """The attn_bwd config whose dK/dV kernel an attn_bwd_sm90 ``config`` runs: its tiles, through TMA."""
+    core = {name: config[name] for name in ("block_m", "block_n", "num_warps", "num_stages")}
+    return knob_table(BACKWARD).config(**core, tma=True, atomic_dq=False)
+
+
+def _sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset) -> tuple:
+    """attn_bwd_sm90: its Gluon dQ kernel (which writes delta and lse2), then attn_bwd's dK/dV kernel."""
+    batch, heads_q, n_q, head_dim = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
+    delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale, causal_offset)
+    dkdv = dkdv_config_of(config)
+    common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, 0.0, 0, 0)
+    strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
+    inputs = _backward_inputs(True, (q, k, v, grad_out), dkdv.block_m, dkdv.block_n, variant.head_dim_padded)
+    kernel_module(BACKWARD, variant, dkdv).attn_bwd_dkdv[(math.ceil(n_k / dkdv.block_n), heads_kv, batch)](
+        *inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, num_warps=dkdv.num_warps,
+        num_stages=dkdv.num_stages)
+    return dq, dk, dv
+
+
+def sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale, causal_offset) -> None:
+    """attn_bwd_sm90's dQ kernel alone: writes dq (B, Hq, Nq, D, contiguous) and each row's delta and lse2
+    (float32 (B, Hq, Nq), contiguous). The tensors must be addressable by TMA; out needs a unit last stride."""
+    batch, heads_q, n_q, _ = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    rows, keys = 64, config["dq_block_n"]  # the boxes: one consumer group's rows, one key block
+    q_desc, do_desc, dq_desc = (_gluon_descriptor(t, rows, variant) for t in (q, grad_out, dq))
+    k_desc, v_desc = (_gluon_descriptor(t, keys, variant) for t in (k, v))
+    kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq[(math.ceil(n_q / (2 * rows)) * heads_q * batch,)](
+        q_desc, k_desc, v_desc, do_desc, dq_desc, out, lse, lse2, delta, *out.stride()[:3], scale * LOG2E, scale,
+        heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else []), num_warps=4)
+
+
+def _gluon_descriptor(t: torch.Tensor, rows: int, variant: Variant):
+    """A Gluon tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, D), in an NVMMA shared layout."""
+    descriptor_type, box, layout = _gluon_box(variant.dtype, rows, t.shape[-1])
+    return descriptor_type(t, list(t.shape), list(t.stride()), box, layout)
+
+
+@functools.cache
+def _gluon_box(dtype: str, rows: int, head_dim: int) -> tuple:
+    """Gluon's descriptor type, and the box (1, 1, rows, head_dim) with its NVMMA shared layout (9 us to make on
+    a CPU: once per shape, not per call)."""
+    import_triton()
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    box = [1, 1, rows, head_dim]
+    element = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
+    return TensorDescriptor, box, gl.NVMMASharedLayout.get_default_for(box, element)
+
+
 def _backward_inputs(tma: bool, inputs, query_rows: int, key_rows: int, head_dim_padded: int) -> list:
     """q, k, v and dO as a backward kernel takes them: the tensors, or with ``tma``, descriptors whose boxes
     are ``query_rows`` (q, dO) or ``key_rows`` (k, v) rows."""
@@ -348,6 +418,14 @@ def compile_backward(
     q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
     rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
+    sm90 = backward_template_of(config) == BACKWARD_SM90
+    if sm90:
+        keys = config["dq_block_n"]
+        descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, 64), (kv, keys), (kv, keys), (q, 64), (q, 64))]
+        kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq.warmup(
+            *descriptors, q, rows, rows, rows, *q.stride()[:3], 1.0, 1.0, heads_q, heads_q // heads_kv, n_q, n_k,
+            *([0] if variant.causal else []), grid=(math.ceil(n_q / 128) * heads_q * batch,), num_warps=4)
+        config = dkdv_config_of(config)  # and its dK/dV kernel, below
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
@@ -365,6 +443,8 @@ def compile_backward(
         return
     module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), *common, grid=key_grid,
                                 **launch)  # fmt: skip
+    if sm90:
+        return  # its dQ kernel is the Gluon one, compiled above
     query_grid = (math.ceil(n_q / config.block_n), heads_q, batch)
     query_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_n, config.block_m, d)
     module.attn_bwd_dq.warmup(*query_block_inputs, q, q, rows, rows, rows, *strides, *q.stride(), *q.stride(), *common,

@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from flashgen.codegen import BACKWARD, FORWARD
+from flashgen.codegen import FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
 from flashgen.dispatch import Choice, backward_choice, choose, env_flag, forward_choice, warn_once
 from flashgen.launch import ForwardLaunch, Sm90ForwardLaunch, attention_backward, forward_launch
@@ -26,9 +26,9 @@ from flashgen.spec import (
     HEAD_DIM_MIN,
     TileConfig,
     Variant,
+    backward_template_of,
     causal_offset,
     forward_template_of,
-    knob_table,
 )
 
 
@@ -143,7 +143,7 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
     if config is not None:
         forward_template_of(config)
     if backward_config is not None:
-        knob_table(BACKWARD).validate(backward_config)
+        backward_template_of(backward_config)
     _check_deterministic(backward_config, deterministic)
     reason = _unsupported(q, attn_mask)
     if reason is not None:
@@ -192,7 +192,7 @@ def plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, co
 
 
 def _check_deterministic(backward_config: TileConfig | None, deterministic: bool) -> None:
-    if deterministic and backward_config is not None and backward_config["atomic_dq"]:
+    if deterministic and backward_config is not None and backward_config.to_dict().get("atomic_dq"):
         raise ValueError(
             "backward_config has atomic_dq=True, which is not bit-reproducible, but deterministic gradients "
             "were asked for (deterministic=True or torch.use_deterministic_algorithms(True))"
@@ -252,7 +252,8 @@ def attention(
     The kernel's tile config comes from :mod:`flashgen.dispatch`: the tuned entry for this GPU and shape
     bucket, else the nearest tuned bucket, else a default (``flashgen.explain`` says which and why).
     config / backward_config: force a tile config of a forward template (``flashgen.knob_table("attn_fwd")``
-    or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of the backward template.
+    or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of a backward template (``"attn_bwd"``, or on
+    Hopper ``"attn_bwd_sm90"``).
     Differentiable in q, k and v (not through lse).
     deterministic: bit-reproducible gradients (no atomic dQ accumulation, whatever the tuned backward config
     says); default ``torch.are_deterministic_algorithms_enabled()``.

@@ -38,8 +38,10 @@ CORE_KNOBS = ("block_m", "block_n", "num_warps", "num_stages")
 FORWARD = "attn_fwd"  # the templates: templates/<name>.py.j2 with its knob table templates/<name>.toml
 FORWARD_SM90 = "attn_fwd_sm90"  # Hopper's own forward (Gluon); runs what its table's [template.supports] says
 BACKWARD = "attn_bwd"
+BACKWARD_SM90 = "attn_bwd_sm90"  # Hopper's backward: a Gluon dQ kernel, then attn_bwd's dK/dV kernel
 FORWARD_TEMPLATES = (FORWARD, FORWARD_SM90)  # dispatch picks the faster tuned one per shape bucket
-TEMPLATES = (*FORWARD_TEMPLATES, BACKWARD)
+BACKWARD_TEMPLATES = (BACKWARD, BACKWARD_SM90)  # likewise
+TEMPLATES = (*FORWARD_TEMPLATES, *BACKWARD_TEMPLATES)
 
 
 def _canonical_json(data: Mapping[str, Any]) -> str:
@@ -248,6 +250,7 @@ class KnobTable:
     description: str
     knobs: tuple[Knob, ...]
     supports: Support = Support()
+    uses: tuple[str, ...] = ()  # other templates whose kernels this one's launches run too
 
     def __getitem__(self, name: str) -> Knob:
         for knob in self.knobs:
@@ -361,12 +364,16 @@ def knob_table(template: str) -> KnobTable:
     missing = [name for name in CORE_KNOBS if name not in {knob.name for knob in knobs}]
     if missing:
         raise ValueError(f"templates/{template}.toml must declare the core knobs; missing {missing}")
+    uses = head.get("uses", [])
+    if not isinstance(uses, list) or not all(isinstance(u, str) and u != template for u in uses):
+        raise ValueError(f"templates/{template}.toml: [template] uses must be a list of other templates' names")
     return KnobTable(
         template=template,
         source=head["source"],
         description=head.get("description", ""),
         knobs=knobs,
         supports=_parse_support(template, head.get("supports", {})),
+        uses=tuple(uses),
     )
 
 
@@ -389,15 +396,25 @@ def _parse_support(template: str, raw: Mapping[str, Any]) -> Support:
 def forward_template_of(config: TileConfig) -> str:
     """The forward template whose knob table ``config`` belongs to (each declares its own knobs, so at most
     one accepts it); ValueError naming each table's complaint otherwise."""
+    return _template_of(config, FORWARD_TEMPLATES, "forward")
+
+
+def backward_template_of(config: TileConfig) -> str:
+    """The backward template whose knob table ``config`` belongs to; see :func:`forward_template_of`."""
+    return _template_of(config, BACKWARD_TEMPLATES, "backward")
+
+
+@cache  # once per config: attention_backward asks on every call
+def _template_of(config: TileConfig, templates: tuple[str, ...], direction: str) -> str:
     complaints = []
-    for template in FORWARD_TEMPLATES:
+    for template in templates:
         try:
             knob_table(template).validate(config)
         except ValueError as exc:
             complaints.append(str(exc))
         else:
             return template
-    raise ValueError(f"config {config.key} is not a config of a forward template: " + "; ".join(complaints))
+    raise ValueError(f"config {config.key} is not a config of a {direction} template: " + "; ".join(complaints))
 
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")

@@ -9,7 +9,7 @@ estimate against what Triton reports for compiled kernels is measured on the GPU
 from __future__ import annotations
 
 from flashgen.device import DeviceInfo
-from flashgen.spec import BACKWARD, FORWARD, FORWARD_SM90, TileConfig, Variant
+from flashgen.spec import BACKWARD, BACKWARD_SM90, FORWARD, FORWARD_SM90, TileConfig, Variant
 
 
 def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
@@ -41,6 +41,17 @@ def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:
     return kv_tiles + q_do_ring + ds_tile
 
 
+def estimate_sm90_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:
+    """Shared memory of the larger program of the Hopper backward (attn_bwd_sm90), in bytes: its dK/dV kernel
+    (attn_bwd's, see :func:`estimate_backward_shared_bytes`) or its dQ kernel. The dQ kernel holds the Q and dO
+    tiles of its two consumers (128 query rows), ``dq_stages`` K and V buffers of ``dq_block_n`` rows, and
+    768 bytes for the mbarriers, warp specialisation and alignment (compiled for sm_90 with Triton 3.6, D
+    64/128, 2-3 stages: 600-664 bytes above the tiles)."""
+    row_bytes = variant.head_dim * variant.element_size
+    dq_kernel = 2 * 128 * row_bytes + config["dq_stages"] * 2 * config["dq_block_n"] * row_bytes + 768
+    return max(estimate_backward_shared_bytes(variant, config), dq_kernel)
+
+
 def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | None:
     """The bytes a program may use: the device's limit, lowered to ``user_budget`` if given (None: no limit)."""
     if user_budget is not None and (isinstance(user_budget, bool) or not isinstance(user_budget, int) or user_budget <= 0):
@@ -53,6 +64,7 @@ ESTIMATES = {
     FORWARD: estimate_shared_bytes,
     FORWARD_SM90: estimate_sm90_shared_bytes,
     BACKWARD: estimate_backward_shared_bytes,
+    BACKWARD_SM90: estimate_sm90_backward_shared_bytes,
 }
 
 

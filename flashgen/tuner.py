@@ -32,7 +32,17 @@ from flashgen.device import DeviceInfo
 from flashgen.launch import attention_backward, attention_forward, forward_launch
 from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD, FORWARD, FORWARD_SM90, TORCH_DTYPES, KnobValue, TileConfig, knob_table
+from flashgen.spec import (
+    BACKWARD,
+    BACKWARD_SM90,
+    BACKWARD_TEMPLATES,
+    FORWARD,
+    FORWARD_SM90,
+    TORCH_DTYPES,
+    KnobValue,
+    TileConfig,
+    knob_table,
+)
 from flashgen.sram import fits
 from flashgen.timing import attention_flops, median_ms
 
@@ -361,11 +371,11 @@ def _compile_in_worker(template: str, variant_dict: dict, config_dict: dict, sha
     """Run in a worker process: compile one template's kernels into Triton's on-disk cache. Returns a
     failure or None."""
     from flashgen.launch import compile_backward, compile_forward
-    from flashgen.spec import BACKWARD, TileConfig, Variant
+    from flashgen.spec import BACKWARD_TEMPLATES, TileConfig, Variant
 
     variant, config = Variant.from_dict(variant_dict), TileConfig.from_dict(config_dict)
     try:
-        if template == BACKWARD:
+        if template in BACKWARD_TEMPLATES:
             compile_backward(variant, config, shape=shape)
         else:
             compile_forward(variant, config, shape=shape, template=template)
@@ -418,7 +428,7 @@ class KernelEvaluator:
         self.scale = 1.0 / math.sqrt(self.variant.head_dim)
         self.causal_offset = 0  # the representative shape is square: both alignments coincide
         self.flops = attention_flops(batch, heads_q, n_q, n_k, self.variant.head_dim, causal=self.variant.causal,
-                                     backward=self.template == BACKWARD)  # fmt: skip
+                                     backward=self.template in BACKWARD_TEMPLATES)  # fmt: skip
         self._pool = None if info.interpreter else pool
         self._pending: dict[str, Future] = {}
 
@@ -572,8 +582,16 @@ class BackwardEvaluator(KernelEvaluator):
         return self._time(config, error, lambda i: self._backward(config, i))
 
 
+class Sm90BackwardEvaluator(BackwardEvaluator):
+    """The Hopper backward, attn_bwd_sm90: checked against the same references and timed as attn_bwd is, so
+    their times compare."""
+
+    template = BACKWARD_SM90
+
+
 def evaluator_for(template: str, bucket: ShapeBucket, device: torch.device | str, **kwargs) -> KernelEvaluator:
-    evaluators = {FORWARD: ForwardEvaluator, FORWARD_SM90: Sm90ForwardEvaluator, BACKWARD: BackwardEvaluator}
+    evaluators = {FORWARD: ForwardEvaluator, FORWARD_SM90: Sm90ForwardEvaluator, BACKWARD: BackwardEvaluator,
+                  BACKWARD_SM90: Sm90BackwardEvaluator}  # fmt: skip
     return evaluators[template](bucket, device, **kwargs)
 
 
