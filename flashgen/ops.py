@@ -8,13 +8,14 @@ captured in a CUDA graph (without dropout, whose seed is drawn on the host).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 
 import torch
 
 from flashgen.codegen import FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
+from flashgen import dispatch
 from flashgen.dispatch import Choice, backward_choice, choose, env_flag, forward_choice, warn_once
 from flashgen.launch import ForwardLaunch, Sm90ForwardLaunch, attention_backward, forward_launch
 from flashgen.shapes import ShapeBucket
@@ -130,9 +131,26 @@ class Plan:
     offset: int = 0
     default_scale: float = 1.0
     launch: ForwardLaunch | Sm90ForwardLaunch | None = None
+    # The backward's choice, made on the first backward call (the signature fixes all it depends on but
+    # ``deterministic``, the key).
+    backward: dict[bool, Choice] = field(default_factory=dict, compare=False)
+
+    def backward_choice(self, backward_config: TileConfig | None, deterministic: bool) -> Choice:
+        choice = self.backward.get(deterministic)
+        if choice is None:
+            choice = backward_choice(self.bucket, self.device, backward_config, deterministic=deterministic)
+            self.backward[deterministic] = choice
+        return choice
 
 
 _plans: dict[tuple, Plan] = {}
+
+
+def reload() -> None:
+    """Forget the tuned entries, the decisions and the plans made from them: the next call reads the caches and
+    the database again (after a ``flashgen tune`` in the same process, say)."""
+    dispatch.reload()
+    _plans.clear()
 _MAX_PLANS = 4096  # distinct call signatures remembered; past that the memo starts over
 
 
@@ -214,7 +232,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         plan, backward_config, deterministic, scale, dropout_p, seed = ctx.params
-        choice = backward_choice(plan.bucket, plan.device, backward_config, deterministic=deterministic)
+        choice = plan.backward_choice(backward_config, deterministic)
         dq, dk, dv = attention_backward(
             grad_out, q, k, v, out, lse, variant=plan.variant, config=choice.config, scale=scale,
             causal_offset=plan.offset, dropout_p=dropout_p, seed=seed,

@@ -198,6 +198,24 @@ def test_the_plan_is_made_once_per_signature(monkeypatch):
 
 
 @pytest.mark.cpu_interpreter
+def test_the_backward_is_chosen_once_per_plan_until_reload(monkeypatch):
+    calls = []
+    original = ops.backward_choice
+    monkeypatch.setattr(ops, "backward_choice", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    q = torch.randn(1, 2, 16, 16, requires_grad=True)
+    for _ in range(3):
+        flashgen.attention(q, q, q, deterministic=False).sum().backward()
+    assert len(calls) == 1
+    flashgen.attention(q, q, q, deterministic=True).sum().backward()  # the same plan, another decision
+    assert [c["deterministic"] for c in calls] == [False, True]
+    plans = len(ops._plans)
+    flashgen.reload()  # after tuning in the same process: plans and their choices are made again
+    assert not ops._plans and plans
+    flashgen.attention(q, q, q, deterministic=False).sum().backward()
+    assert len(calls) == 3
+
+
+@pytest.mark.cpu_interpreter
 @pytest.mark.parametrize(
     "make, reason",
     [
