@@ -124,8 +124,8 @@ class Sm90ForwardLaunch:
         self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
         self.scalars = [batch, heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
         element = {"fp16": gl.float16, "bf16": gl.bfloat16}[variant.dtype]
-        # Q and the output move in boxes of one consumer warp group's rows; K and V in boxes of BLOCK_N rows.
-        boxes = ([1, 1, config.block_m // 2, head_dim], [1, 1, config.block_n, head_dim])
+        # Q and the output move in boxes of one consumer warp group's 64 rows; K and V in boxes of BLOCK_N rows.
+        boxes = ([1, 1, 64, head_dim], [1, 1, config.block_n, head_dim])
         self.descriptor_specs = [(box, gl.NVMMASharedLayout.get_default_for(box, element)) for box in boxes]
         self.descriptor_type = TensorDescriptor
         self._fallback = None

@@ -151,8 +151,10 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be positive, got {value}")
         for name in ("block_m", "block_n", "num_warps"):
             value = getattr(self, name)
-            if value & (value - 1):
-                raise ValueError(f"TileConfig.{name} must be a power of two, got {value}")
+            # block_m may also be a multiple of 64: a tile of several 64-row warp groups (attn_fwd_sm90's 192).
+            if value & (value - 1) and not (name == "block_m" and value % 64 == 0):
+                expected = "a power of two or a multiple of 64" if name == "block_m" else "a power of two"
+                raise ValueError(f"TileConfig.{name} must be {expected}, got {value}")
         extra = self.extra.items() if isinstance(self.extra, Mapping) else self.extra
         pairs = []
         for item in extra:

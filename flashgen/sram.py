@@ -21,13 +21,14 @@ def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
 
 
 def estimate_sm90_shared_bytes(variant: Variant, config: TileConfig) -> int:
-    """Shared memory of one program of the Hopper forward (attn_fwd_sm90), in bytes: the two consumers' Q
+    """Shared memory of one program of the Hopper forward (attn_fwd_sm90), in bytes: the consumers' Q
     tiles (reused to stage the output, except with ``persistent``, which stages it in tiles of its own),
-    ``num_stages`` K and V buffers, and 512 bytes for the mbarriers, warp specialisation and alignment
-    (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-408 bytes above the tiles)."""
+    ``num_stages`` K and V buffers, and 640 bytes for the mbarriers, warp specialisation and alignment
+    (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-408 bytes above the tiles with two
+    consumers, 532 with three)."""
     row_bytes = variant.head_dim * variant.element_size
     query_tiles = 2 if config["persistent"] else 1
-    return query_tiles * config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 512
+    return query_tiles * config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 640
 
 
 def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:

@@ -75,7 +75,8 @@ def test_variant_from_dict_rejects_unknown_and_missing_fields():
 @pytest.mark.parametrize(
     "values, error, match",
     [
-        ({"block_m": 48}, ValueError, "power of two"),
+        ({"block_m": 48}, ValueError, "power of two or a multiple of 64"),
+        ({"block_n": 192}, ValueError, "power of two, got 192"),  # only block_m may be 3 x 64 rows
         ({"num_stages": 0}, ValueError, "positive"),
         ({"block_n": "64"}, TypeError, "must be an int"),
     ],
@@ -91,6 +92,7 @@ def test_config_rejects_bad_core_values(values, error, match):
     [
         ({"atomic_dq": True}, "unknown knob"),  # a knob of the backward template only
         ({"block_m": 512}, "must be one of"),
+        ({"block_m": 192}, "must be one of"),  # a valid TileConfig, but only attn_fwd_sm90 declares 192 rows
         ({"split_masked": 1}, "must be one of"),  # an int where the table declares a bool
     ],
 )
