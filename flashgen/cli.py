@@ -452,7 +452,7 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
         too_big = [b.key for b in buckets if b.n_q * b.n_k * b.batch_heads > 64 * 64 * 64 or "bf16" in b.key]
         if too_big:
             raise click.UsageError(f"too large (or bf16) for the interpreter: {too_big[:3]}...; use --preset tiny or a GPU")
-    from flashgen.spec import BACKWARD, BACKWARD_TEMPLATES, FORWARD_TEMPLATES
+    from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES
 
     def refusal(template, bucket, info):
         return knob_table(template).refusal(bucket.variant, info)
@@ -460,8 +460,10 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
     if only_templates:
         templates = list(dict.fromkeys(only_templates))
     else:
-        forward = [FORWARD] + [t for t in FORWARD_TEMPLATES[1:] if any(refusal(t, b, info) is None for b in buckets)]
-        backward = [BACKWARD] + [t for t in BACKWARD_TEMPLATES[1:] if any(refusal(t, b, info) is None for b in buckets)]
+        def runnable(family):  # the Triton template always; the others where they can run some bucket
+            return [family[0]] + [t for t in family[1:] if any(refusal(t, b, info) is None for b in buckets)]
+
+        forward, backward = runnable(FORWARD_TEMPLATES), runnable(BACKWARD_TEMPLATES)
         templates = {"fwd": forward, "bwd": backward, "both": [*forward, *backward]}[direction]
     if space_items and len(templates) > 1:
         raise click.UsageError(f"--space names knobs of one template, and this run tunes {', '.join(templates)}: "

@@ -21,6 +21,7 @@ from flashgen.spec import (
 )
 
 LOG2E = 1.4426950408889634
+GROUP_ROWS = 64  # query rows of one consumer warp group in the Gluon templates (wgmma's M; their ROWS)
 
 
 def uses_tma(config: TileConfig) -> bool:
@@ -124,8 +125,8 @@ class Sm90ForwardLaunch:
         self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
         self.scalars = [batch, heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
         element = {"fp16": gl.float16, "bf16": gl.bfloat16}[variant.dtype]
-        # Q and the output move in boxes of one consumer warp group's 64 rows; K and V in boxes of BLOCK_N rows.
-        boxes = ([1, 1, 64, head_dim], [1, 1, config.block_n, head_dim])
+        # Q and the output move in boxes of one consumer warp group's rows; K and V in boxes of BLOCK_N rows.
+        boxes = ([1, 1, GROUP_ROWS, head_dim], [1, 1, config.block_n, head_dim])
         self.descriptor_specs = [(box, gl.NVMMASharedLayout.get_default_for(box, element)) for box in boxes]
         self.descriptor_type = TensorDescriptor
         self._fallback = None
@@ -333,6 +334,7 @@ def attention_backward(
     return dq, dk, dv
 
 
+@functools.cache  # on every attn_bwd_sm90 backward call: the config's validation runs once
 def dkdv_config_of(config: TileConfig) -> TileConfig:
     """The attn_bwd config whose dK/dV kernel an attn_bwd_sm90 ``config`` runs: its tiles, through TMA."""
     core = {name: config[name] for name in ("block_m", "block_n", "num_warps", "num_stages")}
@@ -362,12 +364,18 @@ def sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale
     (float32 (B, Hq, Nq), contiguous). The tensors must be addressable by TMA; out needs a unit last stride."""
     batch, heads_q, n_q, _ = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
-    rows, keys = 64, config["dq_block_n"]  # the boxes: one consumer group's rows, one key block
+    rows, keys = GROUP_ROWS, config["dq_block_n"]  # the boxes: one consumer group's rows, one key block
     q_desc, do_desc, dq_desc = (_gluon_descriptor(t, rows, variant) for t in (q, grad_out, dq))
     k_desc, v_desc = (_gluon_descriptor(t, keys, variant) for t in (k, v))
-    kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq[(math.ceil(n_q / (2 * rows)) * heads_q * batch,)](
+    kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq[(_sm90_dq_programs(q.shape),)](
         q_desc, k_desc, v_desc, do_desc, dq_desc, out, lse, lse2, delta, *out.stride()[:3], scale * LOG2E, scale,
         heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else []), num_warps=4)
+
+
+def _sm90_dq_programs(q_shape) -> int:
+    """attn_bwd_sm90's dQ grid: one program per two consumer groups' rows of one (batch, head)."""
+    batch, heads_q, n_q, _ = q_shape
+    return math.ceil(n_q / (2 * GROUP_ROWS)) * heads_q * batch
 
 
 def _gluon_descriptor(t: torch.Tensor, rows: int, variant: Variant):
@@ -420,11 +428,12 @@ def compile_backward(
     rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
     sm90 = backward_template_of(config) == BACKWARD_SM90
     if sm90:
-        keys = config["dq_block_n"]
-        descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, 64), (kv, keys), (kv, keys), (q, 64), (q, 64))]
+        group, keys = GROUP_ROWS, config["dq_block_n"]  # (rows: the float32 row buffers above)
+        descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, group), (kv, keys), (kv, keys), (q, group),
+                                                                      (q, group))]  # fmt: skip
         kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq.warmup(
             *descriptors, q, rows, rows, rows, *q.stride()[:3], 1.0, 1.0, heads_q, heads_q // heads_kv, n_q, n_k,
-            *([0] if variant.causal else []), grid=(math.ceil(n_q / 128) * heads_q * batch,), num_warps=4)
+            *([0] if variant.causal else []), grid=(_sm90_dq_programs(q.shape),), num_warps=4)
         config = dkdv_config_of(config)  # and its dK/dV kernel, below
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -13,9 +13,9 @@ from numbers import Real
 
 import torch
 
+from flashgen import dispatch
 from flashgen.codegen import FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
-from flashgen import dispatch
 from flashgen.dispatch import Choice, backward_choice, choose, env_flag, forward_choice, warn_once
 from flashgen.launch import ForwardLaunch, Sm90ForwardLaunch, attention_backward, forward_launch
 from flashgen.shapes import ShapeBucket
@@ -144,6 +144,7 @@ class Plan:
 
 
 _plans: dict[tuple, Plan] = {}
+_MAX_PLANS = 4096  # distinct call signatures remembered; past that the memo starts over
 
 
 def reload() -> None:
@@ -151,7 +152,6 @@ def reload() -> None:
     the database again (after a ``flashgen tune`` in the same process, say)."""
     dispatch.reload()
     _plans.clear()
-_MAX_PLANS = 4096  # distinct call signatures remembered; past that the memo starts over
 
 
 def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config, backward_config, deterministic) -> Plan:
