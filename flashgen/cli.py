@@ -412,15 +412,21 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--sram-budget", type=click.IntRange(min=1), help="Shared-memory budget in bytes [default: the device's limit].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
 @click.option("--compile-workers", type=click.IntRange(min=0), help="Processes compiling candidates ahead [default: up to 8 on a GPU].")
+@click.option("--final-rounds", type=click.IntRange(min=0),
+              help="After each bucket's search, time its three fastest configs (within 10%) and the other template's "
+                   "stored winner this many times each, side by side, and store those medians [default: 3 on a GPU, "
+                   "0 in the interpreter; 0 skips it].")  # fmt: skip
 @_DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, direction,
-         only_templates, exhaustive, space_items, sram_budget, seed, compile_workers, db_url,
+         only_templates, exhaustive, space_items, sram_budget, seed, compile_workers, final_rounds, db_url,
          as_json) -> None:  # fmt: skip
     """Search tile configs for shape buckets on this GPU and store the winners in the tuning database.
 
     Each bucket is tuned by timing its representative shape; every candidate is checked against a float64
-    reference first. Ctrl-C keeps everything measured; running the same command again continues.
+    reference first. A final round then times the fastest few again side by side, with the other template's
+    winner for the bucket. Ctrl-C keeps everything measured; running the same command again continues (and
+    runs the final rounds again).
     Without a GPU, tuning runs in Triton's interpreter on tiny shapes and its results are marked as
     interpreter results, which a GPU never uses.
     """
@@ -476,6 +482,7 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
     options = [TuneOptions(
         template=template, budget=Budget(trials=trials, seconds=time_budget, patience=patience), exhaustive=exhaustive,
         seed=seed, sram_budget=sram_budget, restrict=_parse_space(space_items, template), compile_workers=compile_workers,
+        final_rounds=final_rounds,
     ) for template in templates]  # fmt: skip
     store = _open_store(db_url)
     err_console.print(f"Tuning {len(buckets)} bucket(s) x {', '.join(templates)} on {info.name} into {store.url}")
@@ -542,7 +549,7 @@ def _print_tune_summary(results, as_json: bool) -> None:
         "default_ms": r.times.get(r.default_config.key) if r.default_config else None,
         "seconds": round(r.seconds, 2), "stopped_by": r.stopped_by,
         "failures": [{"config": c, "reason": why} for c, why in r.failures],
-        "times": r.times,
+        "times": r.times, "final_times": r.final_times,
     } for r in results]  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=2))

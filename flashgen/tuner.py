@@ -18,6 +18,7 @@ The evaluator (kernel and clock) is injected, so the search logic is tested with
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -112,6 +113,9 @@ class BucketResult:
     times: dict[str, float] = field(default_factory=dict)  # config key -> median ms, of every correct config
     default_config: TileConfig | None = None  # set by the caller that chose it, for reporting
     template: str = FORWARD
+    # The final round (flashgen.tuning): median ms of each finalist by config key, and of the other template's
+    # winner by "template:key"; empty when there was none.
+    final_times: dict[str, float] = field(default_factory=dict)
 
 
 def search_space(
@@ -338,6 +342,38 @@ def tune_bucket(
     result.seconds = time.monotonic() - start
     result.stopped_by = stop_reason() or ("exhausted" if queue_done else "converged")
     return result
+
+
+def finalists(result: BucketResult, *, count: int = 3, margin: float = 0.1) -> list[str]:
+    """Keys of the fastest configs a search measured: at most ``count``, each within ``margin`` (a fraction) of
+    the best time."""
+    ranked = sorted(result.times.items(), key=lambda item: item[1])
+    return [key for key, ms in ranked[:count] if ms <= ranked[0][1] * (1 + margin)]
+
+
+def final_round(candidates: dict[str, Callable[[], Outcome]], rounds: int) -> dict[str, Outcome]:
+    """Measure every candidate ``rounds`` times, taking turns (a, b, c, a, b, c, ...), and return each one's
+    median time; a candidate that fails in any round is left out.
+
+    A search times each config once, and one timing can be off by more than the gap between the best configs:
+    on an H100 the backward's m32 and m64 tiles (D=64, 4k tokens) timed 3.522 and 3.523 ms in a search, and
+    359 against 408 TFLOP/s side by side afterwards (2026-11-22). Taking turns spreads the machine's drift over
+    every candidate alike.
+    """
+    samples: dict[str, list[float]] = {key: [] for key in candidates}
+    last: dict[str, Outcome] = {}
+    for _ in range(rounds):
+        for key, measure in candidates.items():
+            if key not in samples:
+                continue  # failed in an earlier round
+            outcome = measure()
+            if not outcome.ok:
+                del samples[key]
+                continue
+            samples[key].append(outcome.median_ms)
+            last[key] = outcome
+    return {key: Outcome(median_ms=statistics.median(times), error=last[key].error)
+            for key, times in samples.items() if times}  # fmt: skip
 
 
 def _neighbours(config: TileConfig, choices: dict[str, list[KnobValue]]) -> list[TileConfig]:

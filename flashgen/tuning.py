@@ -2,13 +2,17 @@
 
 The glue between the tuner (search, measure) and the store (persist): each faster config found is written
 at once, so an interrupted run loses nothing, and running the same buckets again resumes their studies.
+After each bucket's search comes a final round: its fastest configs, and the stored winner of the other template
+of the same direction (dispatch picks between the two by their times), are timed again side by side, and the
+medians of that round are what is stored.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -18,7 +22,7 @@ from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo, device_info, toolchain
 from flashgen.defaults import default_for
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import KnobValue, knob_table
+from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES, KnobValue, knob_table
 from flashgen.sram import shared_budget
 from flashgen.tuner import (
     Budget,
@@ -27,6 +31,8 @@ from flashgen.tuner import (
     TrialReport,
     compile_pool,
     evaluator_for,
+    final_round,
+    finalists,
     search_space,
     study_name,
     tune_bucket,
@@ -42,6 +48,10 @@ class TuneOptions:
     sram_budget: int | None = None
     restrict: dict[str, list[KnobValue]] | None = None
     compile_workers: int | None = None  # None: up to 8, one per spare CPU core, on a GPU
+    final_rounds: int | None = None  # turns of the final round; None: 3 on a GPU, none in the interpreter
+
+
+FINAL_MARGIN = 0.1  # the final round re-times configs within 10% of the search's best
 
 
 def default_compile_workers(info: DeviceInfo) -> int:
@@ -116,6 +126,7 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     neighbours = [e.config for e in store.entries() if e.template == template and e.device == info
                   and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
     start_with = [] if options.exhaustive else list(dict.fromkeys([default, *neighbours]))
+    rounds = options.final_rounds if options.final_rounds is not None else (0 if info.interpreter else 3)
     try:
         result = tune_bucket(
             bucket,
@@ -131,10 +142,62 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
             on_trial=on_trial,
             on_best=lambda r: store.put(entry_for(r, info, evaluator)),
         )
+        if result.best_config is not None and rounds > 0:
+            _final_round(result, evaluator, store, info, device, pool, rounds)
     finally:
         evaluator.close()
     if result.best_config is not None:
-        # The final counts (trials, time) replace those written when the best was found.
-        store.put(entry_for(result, info, evaluator))
+        # The final counts (trials, time) replace those written when the best was found; a final round's median
+        # replaces the search's time even where it is slower.
+        store.put(entry_for(result, info, evaluator), replace=bool(result.final_times))
     result.default_config, result.template = default, template
     return result
+
+
+def sibling_entry(store: TuningStore, template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:
+    """The current stored winner for ``bucket`` on this device of the other template of ``template``'s direction
+    (the one dispatch weighs it against), if there is one and it can run here."""
+    family = FORWARD_TEMPLATES if template in FORWARD_TEMPLATES else BACKWARD_TEMPLATES
+    triton_version = toolchain()["triton"]
+    for entry in store.entries():
+        if (entry.template in family and entry.template != template and entry.device == info
+                and entry.bucket == bucket and not entry.is_stale(template_digest(entry.template), triton_version)
+                and knob_table(entry.template).refusal(bucket.variant, info) is None):  # fmt: skip
+            return entry
+    return None
+
+
+def _final_round(result: BucketResult, evaluator: KernelEvaluator, store: TuningStore, info: DeviceInfo,
+                 device: torch.device, pool, rounds: int) -> None:  # fmt: skip
+    """Time the search's finalists and the sibling template's winner side by side (:func:`final_round`); the
+    fastest finalist becomes the result's best, and the sibling's entry gets its new time. Only close races are
+    run again: finalists within FINAL_MARGIN of the best, and the sibling if its stored time is as close."""
+    table = knob_table(evaluator.template)
+    configs = {key: table.parse_key(key) for key in finalists(result, margin=FINAL_MARGIN)}
+    sibling = sibling_entry(store, evaluator.template, result.bucket, info)
+    best_ms = result.best.median_ms
+    if sibling is not None and not best_ms / (1 + FINAL_MARGIN) <= sibling.median_ms <= best_ms * (1 + FINAL_MARGIN):
+        sibling = None  # not a close race: a few per cent of noise cannot change what dispatch picks
+    if len(configs) + (sibling is not None) < 2:
+        return
+    evaluator.prepare(list(configs.values()))  # a resumed search measured them in another process
+    candidates = {key: partial(evaluator.measure, config) for key, config in configs.items()}
+    sibling_evaluator = None
+    if sibling is not None:
+        sibling_evaluator = evaluator_for(sibling.template, result.bucket, device, info=info, pool=pool)
+        sibling_evaluator.prepare([sibling.config])
+        candidates[f"{sibling.template}:{sibling.config.key}"] = partial(sibling_evaluator.measure, sibling.config)
+    try:
+        final = final_round(candidates, rounds)
+    finally:
+        if sibling_evaluator is not None:
+            sibling_evaluator.close()
+    result.final_times = {key: outcome.median_ms for key, outcome in final.items()}
+    ours = {key: outcome for key, outcome in final.items() if key in configs}
+    if ours:
+        best = min(ours, key=lambda key: ours[key].median_ms)
+        result.best_config, result.best = configs[best], ours[best]
+    label = f"{sibling.template}:{sibling.config.key}" if sibling is not None else None
+    if label in final:
+        ms = final[label].median_ms
+        store.put(replace(sibling, median_ms=ms, tflops=evaluator.tflops(ms)), replace=True)

@@ -55,6 +55,16 @@ def test_running_the_same_tune_again_continues_the_study(tmp_path):
     second = json.loads(runner.invoke(main, [*TINY, "--trials", "4", "--db", url, "--json"]).stdout)
     assert [r["measured"] for r in first] == [2, 2] and [r["measured"] for r in second] == [4, 4]
     assert all(b["best_ms"] <= a["best_ms"] for a, b in zip(first, second))
+    # A finished study measures nothing new, but a final round re-times its fastest configs (within 10%); the
+    # stored winner is the fastest median of that round.
+    third = runner.invoke(main, [*TINY, "--trials", "4", "--final-rounds", "2", "--db", url, "--json"])
+    assert third.exit_code == 0, third.output
+    for row in json.loads(third.stdout):
+        assert row["measured"] == 4
+        if row["final_times"]:
+            assert row["best_ms"] == min(row["final_times"].values()) == row["final_times"][row["best_config"]]
+    stored = {e.bucket.key: e.median_ms for e in TuningStore(url).entries()}
+    assert sorted(stored.values()) == sorted(row["best_ms"] for row in json.loads(third.stdout))
 
 
 def test_two_concurrent_tuners_on_one_sqlite_file_lose_nothing(tmp_path):

@@ -54,6 +54,14 @@ def test_put_keeps_the_faster_entry(store):
     assert only.median_ms == 1.0 and only.config.block_m == 128
 
 
+def test_put_with_replace_stores_a_slower_time(store):
+    # A final round's median supersedes the lucky single timing of a search.
+    store.put(make_entry(ms=1.0, block_m=128))
+    assert store.put(make_entry(ms=1.2, block_m=64), replace=True)
+    (only,) = store.entries()
+    assert only.median_ms == 1.2 and only.config.block_m == 64
+
+
 def test_entries_of_other_toolchains_and_buckets_coexist(store):
     store.put(make_entry(n=1024))
     store.put(make_entry(n=4096))

@@ -6,7 +6,7 @@ import pytest
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import Variant, knob_table
 from flashgen.sram import estimate_shared_bytes
-from flashgen.tuner import Budget, Outcome, search_space, tune_bucket
+from flashgen.tuner import BucketResult, Budget, Outcome, final_round, finalists, search_space, tune_bucket
 
 BUCKET = ShapeBucket.of(Variant(64, "fp16"), batch=1, heads_q=8, heads_kv=8, n_q=1024, n_k=1024)
 table = knob_table("attn_fwd")
@@ -209,3 +209,91 @@ def test_a_compile_worker_that_never_answers_is_given_up_on(monkeypatch):
     evaluator.prepare([config])
     with pytest.warns(RuntimeWarning, match="gave no answer"):
         assert evaluator._compile_failure(config) is None  # the launch then compiles in the tuning process
+
+
+def test_finalists_are_the_fastest_few_within_the_margin():
+    result = BucketResult(bucket=BUCKET, space_size=9, times={"a": 1.00, "b": 1.05, "c": 1.09, "d": 1.095, "e": 1.5})
+    assert finalists(result, count=3, margin=0.1) == ["a", "b", "c"]
+    assert finalists(result, count=5, margin=0.1) == ["a", "b", "c", "d"]
+    assert finalists(result, count=3, margin=0.02) == ["a"]
+
+
+def test_the_final_round_takes_turns_and_keeps_medians_of_what_stayed_correct():
+    order = []
+    times = {"a": iter([1.0, 1.3, 1.2]), "b": iter([1.1, 1.1, 1.1]), "c": iter([0.9, None])}
+
+    def measure(key):
+        order.append(key)
+        ms = next(times[key])
+        return Outcome(median_ms=ms, error=1e-4) if ms is not None else Outcome(failure="wrong: relative error 1")
+
+    final = final_round({key: (lambda key=key: measure(key)) for key in "abc"}, rounds=3)
+    assert order == ["a", "b", "c", "a", "b", "c", "a", "b"]  # c failed in round 2 and is not measured again
+    assert final == {"a": Outcome(median_ms=1.2, error=1e-4), "b": Outcome(median_ms=1.1, error=1e-4)}
+
+
+def test_the_final_round_re_times_the_other_templates_winner_and_keeps_the_fastest_finalist(tmp_path, monkeypatch):
+    from flashgen import tuning
+    from flashgen.codegen import template_digest
+    from flashgen.db import TunedEntry, TuningStore
+    from flashgen.device import DeviceInfo, toolchain
+
+    h100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, interpreter=False)
+    sibling_config = knob_table("attn_fwd_sm90").config(block_m=192)
+    store = TuningStore(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    # The other forward template's winner was stored with a lucky time; side by side it runs at 1.2 ms.
+    store.put(TunedEntry(template="attn_fwd_sm90", template_digest=template_digest("attn_fwd_sm90"), device=h100,
+                         toolchain=toolchain(), bucket=BUCKET, config=sibling_config, median_ms=0.95, tflops=1.0,
+                         error=1e-3, trials=20, trials_to_best=3, tuning_seconds=9.0, source_sha256="a" * 64))
+
+    class Clock:
+        def __init__(self, template, times):
+            self.template, self.times, self.prepared, self.closed = template, times, [], False
+
+        def prepare(self, configs):
+            self.prepared += [c.key for c in configs]
+
+        def measure(self, config):
+            return Outcome(median_ms=self.times[config.key], error=1e-4)
+
+        def tflops(self, ms):
+            return 1.0 / ms
+
+        def close(self):
+            self.closed = True
+
+    fast, steady = table.config(block_m=128), table.config(block_m=64)
+    ours = Clock("attn_fwd", {fast.key: 1.10, steady.key: 1.05})  # the search's best was a lucky 1.00
+    theirs = Clock("attn_fwd_sm90", {sibling_config.key: 1.2})
+    monkeypatch.setattr(tuning, "evaluator_for", lambda template, *args, **kwargs: theirs)
+    result = BucketResult(bucket=BUCKET, space_size=2, times={fast.key: 1.00, steady.key: 1.02, "slow": 2.0},
+                          best_config=fast, best=Outcome(median_ms=1.00))  # fmt: skip
+    tuning._final_round(result, ours, store, h100, "cpu", None, rounds=3)
+    assert result.best_config == steady and result.best.median_ms == 1.05
+    assert result.final_times == {fast.key: 1.10, steady.key: 1.05, f"attn_fwd_sm90:{sibling_config.key}": 1.2}
+    assert ours.prepared == [fast.key, steady.key] and theirs.prepared == [sibling_config.key] and theirs.closed
+    (stored,) = store.entries()
+    assert stored.template == "attn_fwd_sm90" and stored.median_ms == 1.2 and stored.config == sibling_config
+
+
+def test_the_final_round_leaves_alone_a_bucket_with_no_close_race(tmp_path):
+    from flashgen import tuning
+    from flashgen.db import TuningStore
+    from flashgen.device import DeviceInfo
+
+    class Untouchable:
+        template = "attn_fwd"
+
+        def prepare(self, configs):
+            raise AssertionError("nothing to compile")
+
+        def measure(self, config):
+            raise AssertionError("nothing to measure")
+
+    h100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, interpreter=False)
+    best = table.config(block_m=128)
+    result = BucketResult(bucket=BUCKET, space_size=2, times={best.key: 1.0, table.config(block_m=64).key: 1.2},
+                          best_config=best, best=Outcome(median_ms=1.0))  # fmt: skip
+    store = TuningStore(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    tuning._final_round(result, Untouchable(), store, h100, "cpu", None, rounds=3)
+    assert result.best_config == best and result.final_times == {}

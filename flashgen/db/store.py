@@ -200,9 +200,10 @@ class TuningStore:
         with self.session() as session:
             return int(session.get(Meta, "schema_version").value)
 
-    def put(self, entry: TunedEntry) -> bool:
+    def put(self, entry: TunedEntry, *, replace: bool = False) -> bool:
         """Store ``entry`` unless an entry for the same key and toolchain is faster (the same config at the
-        same time is replaced: its counts are newer). Returns whether it was written. Safe against a
+        same time is replaced: its counts are newer); with ``replace``, whatever is stored for the key gives way
+        (a final round's time supersedes a search's). Returns whether it was written. Safe against a
         concurrent writer of the same key."""
         for _ in range(3):
             try:
@@ -216,7 +217,8 @@ class TuningStore:
                     ).one_or_none()
                     if existing is not None:
                         same = existing.config_json == json.dumps(entry.config.to_dict(), sort_keys=True)
-                        if existing.median_ms < entry.median_ms or (existing.median_ms == entry.median_ms and not same):
+                        faster = existing.median_ms < entry.median_ms
+                        if (faster or (existing.median_ms == entry.median_ms and not same)) and not replace:
                             return False
                         session.delete(existing)
                         session.flush()
