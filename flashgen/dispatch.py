@@ -18,7 +18,8 @@ Each direction has two templates: the forward attn_fwd (Triton, every GPU) and a
 fp16/bf16, head dim 64 or 128, no dropout), the backward attn_bwd (Triton) and attn_bwd_sm90 (a Gluon dQ kernel
 before attn_bwd's dK/dV kernel; the same limits). Where both can run, each is looked up as above and the better
 answer wins: an exact entry over a borrowed one, a nearer borrowed bucket over a farther one, then the faster
-tuned time (both are timed by the same evaluator on the same shapes); with neither tuned, the Triton default.
+tuned time (both are timed by the same evaluator on the same shapes, and where they are within 10% the tuner's
+final round times them side by side); with neither tuned, the Triton default.
 
 Decisions are memoised per (template, variant, bucket), so the runtime cost after the first call of a shape
 is a dictionary lookup. ``FLASHGEN_LOG=1`` logs each decision when it is first made (logger

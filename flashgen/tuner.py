@@ -344,7 +344,10 @@ def tune_bucket(
     return result
 
 
-def finalists(result: BucketResult, *, count: int = 3, margin: float = 0.1) -> list[str]:
+FINAL_MARGIN = 0.1  # the final round re-times configs within 10% of the search's best (flashgen.tuning)
+
+
+def finalists(result: BucketResult, *, count: int = 3, margin: float = FINAL_MARGIN) -> list[str]:
     """Keys of the fastest configs a search measured: at most ``count``, each within ``margin`` (a fraction) of
     the best time."""
     ranked = sorted(result.times.items(), key=lambda item: item[1])

@@ -29,6 +29,7 @@ from flashgen.tuner import (
     BucketResult,
     KernelEvaluator,
     TrialReport,
+    FINAL_MARGIN,
     compile_pool,
     evaluator_for,
     final_round,
@@ -48,10 +49,10 @@ class TuneOptions:
     sram_budget: int | None = None
     restrict: dict[str, list[KnobValue]] | None = None
     compile_workers: int | None = None  # None: up to 8, one per spare CPU core, on a GPU
-    final_rounds: int | None = None  # turns of the final round; None: 3 on a GPU, none in the interpreter
+    final_rounds: int | None = None  # turns of the final round; None: FINAL_ROUNDS on a GPU, none in the interpreter
 
 
-FINAL_MARGIN = 0.1  # the final round re-times configs within 10% of the search's best
+FINAL_ROUNDS = 3
 
 
 def default_compile_workers(info: DeviceInfo) -> int:
@@ -123,10 +124,11 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     # Start from the default config and what neighbouring buckets of this variant found (other lengths and
     # batch sizes usually share their best tiles): the search then never ends worse than the default.
     default = default_for(template, bucket.variant, info, sram_budget=options.sram_budget)
-    neighbours = [e.config for e in store.entries() if e.template == template and e.device == info
+    stored = store.entries()  # read once: the search's start configs and the final round's sibling
+    neighbours = [e.config for e in stored if e.template == template and e.device == info
                   and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
     start_with = [] if options.exhaustive else list(dict.fromkeys([default, *neighbours]))
-    rounds = options.final_rounds if options.final_rounds is not None else (0 if info.interpreter else 3)
+    rounds = options.final_rounds if options.final_rounds is not None else (0 if info.interpreter else FINAL_ROUNDS)
     try:
         result = tune_bucket(
             bucket,
@@ -143,7 +145,8 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
             on_best=lambda r: store.put(entry_for(r, info, evaluator)),
         )
         if result.best_config is not None and rounds > 0:
-            _final_round(result, evaluator, store, info, device, pool, rounds)
+            sibling = sibling_entry(stored, template, bucket, info)
+            _final_round(result, evaluator, sibling, store, info, device, pool, rounds)
     finally:
         evaluator.close()
     if result.best_config is not None:
@@ -154,12 +157,12 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     return result
 
 
-def sibling_entry(store: TuningStore, template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:
-    """The current stored winner for ``bucket`` on this device of the other template of ``template``'s direction
-    (the one dispatch weighs it against), if there is one and it can run here."""
+def sibling_entry(entries: list[TunedEntry], template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:
+    """Among stored ``entries``, the current winner for ``bucket`` on this device of the other template of
+    ``template``'s direction (the one dispatch weighs it against), if there is one and it can run here."""
     family = FORWARD_TEMPLATES if template in FORWARD_TEMPLATES else BACKWARD_TEMPLATES
     triton_version = toolchain()["triton"]
-    for entry in store.entries():
+    for entry in entries:
         if (entry.template in family and entry.template != template and entry.device == info
                 and entry.bucket == bucket and not entry.is_stale(template_digest(entry.template), triton_version)
                 and knob_table(entry.template).refusal(bucket.variant, info) is None):  # fmt: skip
@@ -167,14 +170,13 @@ def sibling_entry(store: TuningStore, template: str, bucket: ShapeBucket, info: 
     return None
 
 
-def _final_round(result: BucketResult, evaluator: KernelEvaluator, store: TuningStore, info: DeviceInfo,
-                 device: torch.device, pool, rounds: int) -> None:  # fmt: skip
+def _final_round(result: BucketResult, evaluator: KernelEvaluator, sibling: TunedEntry | None, store: TuningStore,
+                 info: DeviceInfo, device: torch.device, pool, rounds: int) -> None:  # fmt: skip
     """Time the search's finalists and the sibling template's winner side by side (:func:`final_round`); the
     fastest finalist becomes the result's best, and the sibling's entry gets its new time. Only close races are
     run again: finalists within FINAL_MARGIN of the best, and the sibling if its stored time is as close."""
     table = knob_table(evaluator.template)
     configs = {key: table.parse_key(key) for key in finalists(result, margin=FINAL_MARGIN)}
-    sibling = sibling_entry(store, evaluator.template, result.bucket, info)
     best_ms = result.best.median_ms
     if sibling is not None and not best_ms / (1 + FINAL_MARGIN) <= sibling.median_ms <= best_ms * (1 + FINAL_MARGIN):
         sibling = None  # not a close race: a few per cent of noise cannot change what dispatch picks

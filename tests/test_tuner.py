@@ -268,7 +268,9 @@ def test_the_final_round_re_times_the_other_templates_winner_and_keeps_the_faste
     monkeypatch.setattr(tuning, "evaluator_for", lambda template, *args, **kwargs: theirs)
     result = BucketResult(bucket=BUCKET, space_size=2, times={fast.key: 1.00, steady.key: 1.02, "slow": 2.0},
                           best_config=fast, best=Outcome(median_ms=1.00))  # fmt: skip
-    tuning._final_round(result, ours, store, h100, "cpu", None, rounds=3)
+    sibling = tuning.sibling_entry(store.entries(), "attn_fwd", BUCKET, h100)
+    assert sibling is not None and sibling.config == sibling_config
+    tuning._final_round(result, ours, sibling, store, h100, "cpu", None, rounds=3)
     assert result.best_config == steady and result.best.median_ms == 1.05
     assert result.final_times == {fast.key: 1.10, steady.key: 1.05, f"attn_fwd_sm90:{sibling_config.key}": 1.2}
     assert ours.prepared == [fast.key, steady.key] and theirs.prepared == [sibling_config.key] and theirs.closed
@@ -295,5 +297,5 @@ def test_the_final_round_leaves_alone_a_bucket_with_no_close_race(tmp_path):
     result = BucketResult(bucket=BUCKET, space_size=2, times={best.key: 1.0, table.config(block_m=64).key: 1.2},
                           best_config=best, best=Outcome(median_ms=1.0))  # fmt: skip
     store = TuningStore(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-    tuning._final_round(result, Untouchable(), store, h100, "cpu", None, rounds=3)
+    tuning._final_round(result, Untouchable(), None, store, h100, "cpu", None, rounds=3)
     assert result.best_config == best and result.final_times == {}
