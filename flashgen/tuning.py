@@ -22,7 +22,7 @@ from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo, device_info, toolchain
 from flashgen.defaults import default_for
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES, KnobValue, knob_table
+from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES, KnobValue, TileConfig, knob_table
 from flashgen.sram import shared_budget
 from flashgen.tuner import (
     Budget,
@@ -121,13 +121,9 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
     if on_bucket_start:
         on_bucket_start(bucket, len(space))
     evaluator = evaluator_for(template, bucket, device, info=info, pool=pool)
-    # Start from the default config and what neighbouring buckets of this variant found (other lengths and
-    # batch sizes usually share their best tiles): the search then never ends worse than the default.
     default = default_for(template, bucket.variant, info, sram_budget=options.sram_budget)
     stored = store.entries()  # read once: the search's start configs and the final round's sibling
-    neighbours = [e.config for e in stored if e.template == template and e.device == info
-                  and e.bucket.variant == bucket.variant and e.bucket != bucket]  # fmt: skip
-    start_with = [] if options.exhaustive else list(dict.fromkeys([default, *neighbours]))
+    start_with = [] if options.exhaustive else start_configs(stored, template, bucket, info, default)
     rounds = options.final_rounds if options.final_rounds is not None else (0 if info.interpreter else FINAL_ROUNDS)
     try:
         result = tune_bucket(
@@ -155,6 +151,18 @@ def _tune_one(bucket, store, storage, options, info, device, budget_bytes, pool,
         store.put(entry_for(result, info, evaluator), replace=bool(result.final_times))
     result.default_config, result.template = default, template
     return result
+
+
+def start_configs(entries: list[TunedEntry], template: str, bucket: ShapeBucket, info: DeviceInfo,
+                  default: TileConfig) -> list[TileConfig]:
+    """What a search of ``bucket`` measures first, in order: the default config; the bucket's own stored winners
+    on this device, newest first, even those a template edit made stale (after the edit they are still the best
+    guess); then what the other buckets of its variant found (other lengths and batch sizes usually share their
+    best tiles). The search then never ends worse than any of them."""
+    mine = [e for e in entries if e.template == template and e.device == info and e.bucket.variant == bucket.variant]
+    own = [e.config for e in sorted(mine, key=lambda e: e.created_at, reverse=True) if e.bucket == bucket]
+    neighbours = [e.config for e in mine if e.bucket != bucket]
+    return list(dict.fromkeys([default, *own, *neighbours]))
 
 
 def sibling_entry(entries: list[TunedEntry], template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:

@@ -69,7 +69,7 @@ def test_shared_memory_model_prunes_what_does_not_fit_a_hopper():
     bucket = ShapeBucket.of(d128, batch=1, heads_q=16, heads_kv=16, n_q=4096, n_k=4096)
     space = search_space(bucket, sram_budget=H100_SHARED, template=FORWARD_SM90)
     assert too_big not in space and SM90.default_config() in space
-    # A persistent program stages its output in tiles of its own: 32 KiB more at D=128.
+    # A persistent program has a second Q tile per consumer (where its outputs are staged too): 32 KiB more at D=128.
     assert not fits(d128, SM90.config(block_n=128, num_stages=3, persistent=True), H100_SHARED, FORWARD_SM90)
     assert SM90.config(block_n=128, num_stages=2, persistent=True) in space
     # Out, with 128 rows: n128 with 4 stages (either ping-pong, either persistent), and n128 with 3 stages when
@@ -208,7 +208,7 @@ def test_compiles_for_sm90_with_async_wgmma_and_few_spills_at_d64():
     # Three consumer groups share the registers the producer gives up: 160 each, and 64-key blocks fit in them.
     assert "setmaxnreg.inc.sync.aligned.u32 \t160;" in rows[3]["ptx"]
     assert "0 bytes spill stores" in rows[3]["usage"], rows[3]["usage"]
-    # A persistent program reuses its output tile: it waits until the last store has read it, then syncs its group.
+    # A persistent program gives a Q tile back once the output staged in it has been read by its store.
     assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;\s+bar\.sync", rows[2]["ptx"])
 
 

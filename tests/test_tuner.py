@@ -299,3 +299,28 @@ def test_the_final_round_leaves_alone_a_bucket_with_no_close_race(tmp_path):
     store = TuningStore(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     tuning._final_round(result, Untouchable(), None, store, h100, "cpu", None, rounds=3)
     assert result.best_config == best and result.final_times == {}
+
+
+def test_a_search_starts_from_the_default_then_the_buckets_own_winners_even_stale_ones():
+    from datetime import datetime
+
+    from flashgen.db import TunedEntry
+    from flashgen.device import DeviceInfo, toolchain
+    from flashgen.tuning import start_configs
+
+    h100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, interpreter=False)
+    h200 = DeviceInfo("NVIDIA H200", (9, 0), 132, 232448, interpreter=False)
+    longer = ShapeBucket.of(BUCKET.variant, batch=1, heads_q=2, heads_kv=2, n_q=4 * BUCKET.n_q, n_k=4 * BUCKET.n_k)
+
+    def entry(config, *, bucket=BUCKET, device=h100, digest="old", day=1):
+        return TunedEntry(template="attn_fwd", template_digest=digest, device=device, toolchain=toolchain(),
+                          bucket=bucket, config=config, median_ms=1.0, tflops=1.0, error=1e-3, trials=5,
+                          trials_to_best=1, tuning_seconds=1.0, source_sha256="a" * 64,
+                          created_at=datetime(2026, 11, day))  # fmt: skip
+
+    default, older, newer, neighbour, elsewhere = (table.config(block_m=m, block_n=n) for m, n in
+                                                   ((64, 64), (32, 32), (128, 32), (64, 32), (128, 64)))  # fmt: skip
+    entries = [entry(neighbour, bucket=longer), entry(older, day=1), entry(elsewhere, device=h200),
+               entry(newer, digest="newer", day=2), entry(default, bucket=longer)]
+    assert start_configs(entries, "attn_fwd", BUCKET, h100, default) == [default, newer, older, neighbour]
+    assert start_configs(entries, "attn_fwd_sm90", BUCKET, h100, default) == [default]
