@@ -24,7 +24,7 @@ def estimate_sm90_shared_bytes(variant: Variant, config: TileConfig) -> int:
     """Shared memory of one program of the Hopper forward (attn_fwd_sm90), in bytes: the consumers' Q
     tiles, two per consumer with ``persistent`` (each also stages its tile's output), ``num_stages`` K and V
     buffers, and 640 bytes for the mbarriers, warp specialisation and alignment
-    (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-408 bytes above the tiles with two
+    (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-448 bytes above the tiles with two
     consumers, 532 with three)."""
     row_bytes = variant.head_dim * variant.element_size
     query_tiles = 2 if config["persistent"] else 1
