@@ -1,36 +1,28 @@
-"""Experiments (issue 6, v6, v8 and v12): the backward's dK/dV kernel (v6), its dQ kernel (v8), and one fused
-kernel of five products a step (v12), in Gluon with FlashAttention-3's schedule, beside attn_bwd's Triton kernels.
-This script checks them and times them against flashgen's backward and its peers, as benchmarks/gluon_forward.py
-(since removed) did for the forward before it became attn_fwd_sm90.
+"""Experiments (issue 6, v6 and v8): the backward's dK/dV kernel (v6) and its dQ kernel (v8) in Gluon with
+FlashAttention-3's schedule, beside attn_bwd's Triton kernels. This script checks them and times them against
+flashgen's backward and its peers, as benchmarks/gluon_forward.py (since removed) did for the forward before it
+became attn_fwd_sm90.
 
     TRITON_INTERPRET=0 python benchmarks/gluon_backward.py --compile-only --dq-tiles 64-3   # no GPU: compile for
                                                                    # sm_90, print registers and spills
     python benchmarks/gluon_backward.py --out DIR --dq-tiles 64-3  # Hopper: check, then time the grid of issue 6
     python benchmarks/gluon_backward.py --breakdown --dq-tiles 64-3  # Hopper: each backward kernel's time alone
-    python benchmarks/gluon_backward.py --out DIR --tiles --fused-tiles 64-3-0 64-3-2 --head-dim 64  # Hopper: the
-                                                                   # fused kernel (shared, deferred dQ) at D=64
 
 What they found (docs/hopper-notes.md): the dK/dV kernel (v6) was correct, but 0.98-1.08x of attn_bwd's dK/dV
 kernel at D=128 and 0.83-0.99x at D=64, so it was not made a template. The dQ kernel (v8) with 64-key blocks and
 a 3-deep ring was 16-23% faster than attn_bwd's at D=128, and became the template attn_bwd_sm90: --dq-tiles now
-runs that template's kernel.
+runs that template's kernel. The v6 kernel then grew into a fused backward of five products a step (v12), which
+became the template attn_bwd_fused_sm90 (v13): `flashgen bench --direction bwd --config
+attn_bwd_fused_sm90:m64-n128-w4-s3-defer_dq=1` times it, `benchmarks/sass_report.py attn_bwd_fused_sm90 64
+m64-n128-w4-s3-defer_dq=1` says what it compiles to. (Its experiment's third mode, a dQ product per group, lost
+and was not kept: commit 13ba289 has it.)
 
 The dK/dV kernel. A program owns 2 * KEYS keys of one K/V head. One producer warp loads the program's K and V once,
 then Q and dO through a ring of NUM_STAGES buffers, block of BLOCK_M query rows by block. Two consumer warp
 groups own KEYS keys each and share the ring: per block they issue S^T = K Q^T and dP^T = V dO^T, then
 P^T = exp2(S^T * scale * log2(e) - lse2), dS^T = P^T (dP^T - delta), dV += P^T dO and dK += dS^T Q, with P^T and
 dS^T as register operands of the last two products. The two groups' softmax work overlaps the other's matrix
-products. dQ is left to a dQ kernel of its own (Gluon on Triton 3.6 has no bulk reduce-add for an atomic dQ):
-attn_bwd's, or with --dq-tiles attn_bwd_sm90's Gluon one.
-
-The fused kernel (v12, --fused-tiles BLOCK_M-NUM_STAGES-MODE, D=64 only) is the dK/dV kernel that also sums dQ
-into a zeroed float32 buffer with relaxed atomics (red.global.v4.f32), so no dQ kernel recomputes S and dP:
-attn_bwd's preprocess kernel writes delta and lse2, the producer loads them through TMA beside Q and dO, and each
-group stores its dS^T in shared memory. MODE 0 ("shared"): at step t group t % 2 computes dS K over both groups'
-128 keys. MODE 1 ("own"): each group adds dS K over its own 64 keys (twice the atomic traffic). MODE 2
-("deferred"): as 0, but step t's dQ product runs during step t+1, so the group seldom waits for the other's dS^T.
-On both GPUs the deferred mode ran 1.06-1.13x flashgen's backward at 4k and 16k tokens and lost at 1k
-(docs/hopper-notes.md, v12); it is not a template yet.
+products. dQ is left to a dQ kernel of its own: attn_bwd's, or with --dq-tiles attn_bwd_sm90's Gluon one.
 """
 
 from __future__ import annotations
@@ -82,34 +74,6 @@ def _producer(q_desc, do_desc, k_desc, v_desc, q_tiles, do_tiles, k_tiles, v_til
             m = m_begin + i * BLOCK_M
             tma.async_copy_global_to_shared(q_desc, [b, h, m, 0], qdo_ready.index(stage), q_tiles.index(stage))
             tma.async_copy_global_to_shared(do_desc, [b, h, m, 0], qdo_ready.index(stage), do_tiles.index(stage))
-            t += 1
-
-
-@gluon.jit
-def _fused_producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_tiles, do_tiles, lse_tiles, delta_tiles,
-                    k_tiles, v_tiles, kv_ready, qdo_ready, qdo_free, b, hk, start_n, m_begin, n_steps, H_Q, GROUP_SIZE,
-                    ROW_STRIDE, BLOCK_M: gl.constexpr, KEYS: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """_producer for the fused kernel: K as one tile of 2 * KEYS keys, and each step's row inputs beside Q, dO."""
-    mbarrier.expect(kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-    for c in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, hk, start_n + c * KEYS, 0], kv_ready,
-                                        k_tiles.slice(c * KEYS, KEYS, 2))
-        tma.async_copy_global_to_shared(v_desc, [b, hk, start_n + c * KEYS, 0], kv_ready, v_tiles.index(c))
-    step_bytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes
-                                + delta_desc.block_type.nbytes)
-    t = 0
-    for g in range(GROUP_SIZE):
-        h = hk * GROUP_SIZE + g
-        for i in range(n_steps):
-            stage = t % NUM_STAGES
-            mbarrier.wait(qdo_free.index(stage), ((t // NUM_STAGES) & 1) ^ 1, pred=t >= NUM_STAGES)
-            mbarrier.expect(qdo_ready.index(stage), step_bytes)
-            m = m_begin + i * BLOCK_M
-            tma.async_copy_global_to_shared(q_desc, [b, h, m, 0], qdo_ready.index(stage), q_tiles.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [b, h, m, 0], qdo_ready.index(stage), do_tiles.index(stage))
-            row = (b * H_Q + h) * ROW_STRIDE + m
-            tma.async_copy_global_to_shared(lse_desc, [row], qdo_ready.index(stage), lse_tiles.index(stage))
-            tma.async_copy_global_to_shared(delta_desc, [row], qdo_ready.index(stage), delta_tiles.index(stage))
             t += 1
 
 
@@ -229,237 +193,7 @@ def attn_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-@gluon.jit
-def _add_dq(DQ, dq, t, b, hk, m_begin, n_steps, sm_scale, H_Q, GROUP_SIZE, N_Q, HEAD_DIM: gl.constexpr,
-            BLOCK_M: gl.constexpr):
-    """DQ[rows of step t] += sm_scale * dq, with relaxed float32 atomics."""
-    # Four consecutive columns per thread (the accumulator has two): half as many atomic requests.
-    red_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[2, 16],
-                                                warps_per_cta=[4, 1], order=[1, 0])
-    dq = gl.convert_layout(dq * sm_scale, red_layout)
-    g = t // n_steps
-    row_base = (b * H_Q + hk * GROUP_SIZE + g).to(gl.int64) * N_Q
-    rows = m_begin + (t - g * n_steps) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, red_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, red_layout))
-    ptrs = DQ + (row_base + gl.expand_dims(rows, 1)) * HEAD_DIM + gl.expand_dims(cols, 0)
-    gl.atomic_add(ptrs, dq, mask=gl.expand_dims(rows < N_Q, 1), sem="relaxed")
-
-
-@gluon.jit
-def _shared_dq(DQ, ds_tiles, k_all, ds_ready, ds_free, t, b, hk, m_begin, n_steps, sm_scale, H_Q, GROUP_SIZE, N_Q,
-               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
-    """Step t's dQ over both groups' keys, alone (the deferred mode's last step)."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
-    mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
-    dq = warpgroup_mma(ds_tiles.index(t % 2).permute((1, 0)), k_all, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32,
-                       acc_layout), use_acc=False)
-    mbarrier.arrive(ds_free.index(t % 2), count=1)
-    _add_dq(DQ, dq, t, b, hk, m_begin, n_steps, sm_scale, H_Q, GROUP_SIZE, N_Q, HEAD_DIM, BLOCK_M)
-
-
-@gluon.jit
-def _fused_step(t, C: gl.constexpr, dk, dv, k, v, k_all, q_tiles, do_tiles, lse_tiles, delta_tiles, ds_tiles,
-                qdo_ready, qdo_free, ds_ready, ds_free, DQ, b, hk, m_begin, n_steps, n_masked, keys, qk_scale,
-                sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                KEYS: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OWN_DQ: gl.constexpr,
-                DEFER: gl.constexpr, DO_DQ: gl.constexpr):
-    """Step t of a fused consumer: the ring holds step t's Q, dO and row inputs (lse2, delta).
-    - OWN_DQ: the group adds dS K over its own KEYS keys to DQ at every step, independently of the other group
-      (twice the atomic traffic, no wait on the other group).
-    - Otherwise, with DO_DQ (static: steps run in pairs, t % 2 == C), the group computes dQ over both groups'
-      keys from their dS^T in shared memory; an async product issued on one branch only would make ptxas wait
-      for it where the branches meet.
-    - DEFER: the dQ product of step t-1 runs in step t (DO_DQ: t % 2 != C), so the group seldom waits for the
-      other's dS^T; the consumer runs the last step's dQ after its loop."""
-    dtype: gl.constexpr = q_tiles.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    cols_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    stage = t % NUM_STAGES
-    g = t // n_steps
-    i = t - g * n_steps
-    m = m_begin + i * BLOCK_M
-    q = q_tiles.index(stage).reshape([BLOCK_M, HEAD_DIM])
-    do = do_tiles.index(stage).reshape([BLOCK_M, HEAD_DIM])
-    mbarrier.wait(qdo_ready.index(stage), (t // NUM_STAGES) & 1)
-    s_acc = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout), use_acc=False,
-                          is_async=True)
-    dp_acc = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout), use_acc=False,
-                           is_async=True)
-    lse2 = lse_tiles.index(stage).load(cols_layout)
-    delta = delta_tiles.index(stage).load(cols_layout)
-    s = warpgroup_mma_wait(1, deps=[s_acc])
-    p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
-    if CAUSAL:
-        if i < n_masked:  # query i sees key j when i + causal_offset >= j
-            cols = m + gl.arange(0, BLOCK_M, layout=cols_layout)
-            visible = gl.expand_dims(cols, 0) + causal_offset >= gl.expand_dims(keys, 1)
-            p = gl.where(visible, p, 0.0)
-    dp = warpgroup_mma_wait(0, deps=[dp_acc])
-    ds = (p * (dp - gl.expand_dims(delta, 0))).to(dtype)
-    dv_acc = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do, dv, is_async=True)
-    dk_acc = warpgroup_mma(gl.convert_layout(ds, op_layout), q, dk, is_async=True)
-    if OWN_DQ:
-        # This group's dS^T (its rows of buffer 0) is the dQ product's A operand, transposed.
-        ds_mine = ds_tiles.index(0).slice(C * KEYS, KEYS)
-        ds_mine.store(ds)
-        fence_async_shared()
-        gl.thread_barrier()  # every thread's part is stored before the product reads it
-        dq_acc = warpgroup_mma(ds_mine.permute((1, 0)), k, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout),
-                               use_acc=False, is_async=True)
-        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_acc, dk_acc, dq_acc])
-        mbarrier.arrive(qdo_free.index(stage), count=1)
-    else:
-        # dS^T to shared memory (buffer t % 2, this group's rows) for the dQ product of group t % 2.
-        buf = t % 2
-        mbarrier.wait(ds_free.index(buf), ((t // 2) & 1) ^ 1, pred=t >= 2)
-        ds_tiles.index(buf).slice(C * KEYS, KEYS).store(ds)
-        fence_async_shared()
-        gl.thread_barrier()  # every thread's part is stored before the one arrival
-        mbarrier.arrive(ds_ready.index(buf), count=1)
-        if DEFER:
-            if DO_DQ:
-                if t >= 1:  # the previous step's dQ: the other group has usually stored its dS^T by now
-                    prev = (t - 1) % 2
-                    mbarrier.wait(ds_ready.index(prev), ((t - 1) // 2) & 1)
-                    dq_acc = warpgroup_mma(ds_tiles.index(prev).permute((1, 0)), k_all,
-                                           gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout), use_acc=False,
-                                           is_async=True)
-                    dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_acc, dk_acc, dq_acc])
-                    mbarrier.arrive(ds_free.index(prev), count=1)
-                    _add_dq(DQ, dq, t - 1, b, hk, m_begin, n_steps, sm_scale, H_Q, GROUP_SIZE, N_Q, HEAD_DIM,
-                            BLOCK_M)
-                else:
-                    dv, dk = warpgroup_mma_wait(0, deps=[dv_acc, dk_acc])
-            else:
-                dv, dk = warpgroup_mma_wait(0, deps=[dv_acc, dk_acc])
-        elif DO_DQ:
-            mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
-            dq_acc = warpgroup_mma(ds_tiles.index(buf).permute((1, 0)), k_all,
-                                   gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout), use_acc=False,
-                                   is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_acc, dk_acc, dq_acc])
-            mbarrier.arrive(ds_free.index(buf), count=1)
-        else:
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_acc, dk_acc])
-        mbarrier.arrive(qdo_free.index(stage), count=1)
-    if OWN_DQ or (DO_DQ and not DEFER):
-        _add_dq(DQ, dq, t, b, hk, m_begin, n_steps, sm_scale, H_Q, GROUP_SIZE, N_Q, HEAD_DIM, BLOCK_M)
-    return dk, dv
-
-
-@gluon.jit
-def _fused_consumer(C: gl.constexpr, dk_desc, dv_desc, DQ, q_tiles, do_tiles, lse_tiles, delta_tiles, k_tiles, v_tiles,
-                    ds_tiles, kv_ready, qdo_ready, qdo_free, ds_ready, ds_free, b, hk, start_n, m_begin, n_steps,
-                    n_masked, qk_scale, sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, KEYS: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    OWN_DQ: gl.constexpr, DEFER: gl.constexpr):
-    """_consumer's dK and dV, and dQ summed atomically (five products a step, no dQ kernel): see _fused_step.
-    The steps run in pairs, so which group computes a shared dQ product is static."""
-    dtype: gl.constexpr = dk_desc.dtype
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    # k_tiles holds the program's 2 * KEYS keys in one tile: a shared dQ product reads them all.
-    k_all = k_tiles.reshape([2 * KEYS, HEAD_DIM])
-    k = k_all.slice(C * KEYS, KEYS)
-    v = v_tiles.index(C).reshape([KEYS, HEAD_DIM])
-    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
-    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, acc_layout)
-    keys = start_n + C * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
-    total = GROUP_SIZE * n_steps  # steps: query blocks of every head of the group
-    mbarrier.wait(kv_ready, 0)
-    for u in range(total // 2):
-        dk, dv = _fused_step(2 * u, C, dk, dv, k, v, k_all, q_tiles, do_tiles, lse_tiles, delta_tiles, ds_tiles,
-                             qdo_ready, qdo_free, ds_ready, ds_free, DQ, b, hk, m_begin, n_steps, n_masked, keys,
-                             qk_scale, sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM, BLOCK_M, KEYS,
-                             NUM_STAGES, CAUSAL, OWN_DQ, DEFER, (C == 1) if DEFER else (C == 0))
-        dk, dv = _fused_step(2 * u + 1, C, dk, dv, k, v, k_all, q_tiles, do_tiles, lse_tiles, delta_tiles, ds_tiles,
-                             qdo_ready, qdo_free, ds_ready, ds_free, DQ, b, hk, m_begin, n_steps, n_masked, keys,
-                             qk_scale, sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM, BLOCK_M, KEYS,
-                             NUM_STAGES, CAUSAL, OWN_DQ, DEFER, (C == 0) if DEFER else (C == 1))
-    if total % 2 == 1:
-        dk, dv = _fused_step(total - 1, C, dk, dv, k, v, k_all, q_tiles, do_tiles, lse_tiles, delta_tiles, ds_tiles,
-                             qdo_ready, qdo_free, ds_ready, ds_free, DQ, b, hk, m_begin, n_steps, n_masked, keys,
-                             qk_scale, sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM, BLOCK_M, KEYS,
-                             NUM_STAGES, CAUSAL, OWN_DQ, DEFER, (C == 1) if DEFER else (C == 0))
-    if DEFER:
-        if total >= 1:
-            if (total - 1) % 2 == C:
-                _shared_dq(DQ, ds_tiles, k_all, ds_ready, ds_free, total - 1, b, hk, m_begin, n_steps, sm_scale, H_Q,
-                           GROUP_SIZE, N_Q, HEAD_DIM, BLOCK_M)
-    if not OWN_DQ:
-        # The last two steps' dQ products read both groups' keys: wait for them before staging dK over them.
-        mbarrier.wait(ds_free.index(gl.maximum(total - 1, 0) % 2), (gl.maximum(total - 1, 0) // 2) & 1,
-                      pred=total >= 1)
-        mbarrier.wait(ds_free.index(total % 2), (gl.maximum(total - 2, 0) // 2) & 1, pred=total >= 2)
-    k.store((dk * sm_scale).to(dtype))
-    v.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, hk, start_n + C * KEYS, 0], k_tiles.slice(C * KEYS, KEYS, 2))
-    tma.async_copy_shared_to_global(dv_desc, [b, hk, start_n + C * KEYS, 0], v_tiles.index(C))
-    tma.store_wait(0)
-
-
-@gluon.jit
-def attn_bwd_fused(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, DQ, qk_scale, sm_scale,
-                   H_Q, GROUP_SIZE, N_Q, N_K, ROW_STRIDE, causal_offset, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                   KEYS: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                   OWN_DQ: gl.constexpr, DEFER: gl.constexpr):
-    """attn_bwd_dkdv, which also sums dQ (scaled, float32 (B, H_Q, N_Q, HEAD_DIM) contiguous, zeroed by the
-    caller) with atomic adds: one kernel of five products a step instead of two kernels of seven. lse_desc,
-    delta_desc: 1-D descriptors (boxes of BLOCK_M) over float32 lse2 and delta, row (b, h, m) at
-    (b * H_Q + h) * ROW_STRIDE + m, ROW_STRIDE a multiple of BLOCK_M (TMA: 16-byte aligned rows)."""
-    start_n = gl.program_id(0) * (2 * KEYS)
-    hk = gl.program_id(1)
-    b = gl.program_id(2)
-    m_begin, n_masked, n_steps = _query_steps(start_n, N_Q, causal_offset, BLOCK_M, KEYS, CAUSAL)
-    dtype: gl.constexpr = q_desc.dtype
-
-    q_tiles = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_tiles = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
-    lse_tiles = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], lse_desc.layout)
-    delta_tiles = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], delta_desc.layout)
-    k_tiles = gl.allocate_shared_memory(dtype, [1, 1, 2 * KEYS, HEAD_DIM], k_desc.layout)
-    v_tiles = gl.allocate_shared_memory(dtype, [2, 1, 1, KEYS, HEAD_DIM], v_desc.layout)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * KEYS, BLOCK_M], dtype)
-    ds_tiles = gl.allocate_shared_memory(dtype, [2, 2 * KEYS, BLOCK_M], ds_layout)
-    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    qdo_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    qdo_free = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_ready, count=1)
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(qdo_ready.index(i), count=1)
-        mbarrier.init(qdo_free.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(ds_ready.index(i), count=2)
-        mbarrier.init(ds_free.index(i), count=1)
-    fence_async_shared()
-
-    gl.warp_specialize([
-        (_fused_consumer, (0, dk_desc, dv_desc, DQ, q_tiles, do_tiles, lse_tiles, delta_tiles, k_tiles, v_tiles,
-                           ds_tiles, kv_ready, qdo_ready, qdo_free, ds_ready, ds_free, b, hk, start_n, m_begin, n_steps,
-                           n_masked, qk_scale, sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM, BLOCK_M,
-                           KEYS, NUM_STAGES, CAUSAL, OWN_DQ, DEFER)),
-        (_fused_consumer, (1, dk_desc, dv_desc, DQ, q_tiles, do_tiles, lse_tiles, delta_tiles, k_tiles, v_tiles,
-                           ds_tiles, kv_ready, qdo_ready, qdo_free, ds_ready, ds_free, b, hk, start_n, m_begin, n_steps,
-                           n_masked, qk_scale, sm_scale, H_Q, GROUP_SIZE, N_Q, causal_offset, HEAD_DIM, BLOCK_M,
-                           KEYS, NUM_STAGES, CAUSAL, OWN_DQ, DEFER)),
-        (_fused_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_tiles, do_tiles, lse_tiles,
-                           delta_tiles, k_tiles, v_tiles, kv_ready, qdo_ready, qdo_free, b, hk, start_n, m_begin,
-                           n_steps, H_Q, GROUP_SIZE, ROW_STRIDE, BLOCK_M, KEYS, NUM_STAGES)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-
 KEYS = 64  # keys per consumer group (wgmma's M)
-FUSED_HEAD_DIMS = (64,)  # at D=128 the fused consumer's dK, dV, dQ and score tiles would need over 240 registers
 
 
 def descriptors(tensors_and_rows, dtype):
@@ -490,41 +224,6 @@ def gluon_dkdv(q, k, v, do, lse2, delta, scale, causal_offset, *, block_m=64, st
     return dk, dv
 
 
-def gluon_fused(q, k, v, do, out, lse, scale, causal_offset, *, block_m=64, stages=2, own_dq=False, defer=False):
-    """dQ, dK, dV from attn_bwd's preprocess kernel (delta, lse2) and the fused Gluon kernel (dQ summed
-    atomically in float32, then cast)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from flashgen.codegen import BACKWARD, kernel_module
-    from flashgen.spec import DTYPE_NAMES, Variant, knob_table
-
-    batch, heads_q, n_q, head_dim = q.shape
-    heads_kv, n_k = k.shape[1], k.shape[2]
-    variant = Variant(head_dim, DTYPE_NAMES[q.dtype], causal=causal_offset is not None)
-    pre = knob_table(BACKWARD).config(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False, atomic_dq=True)
-    module = kernel_module(BACKWARD, variant, pre)
-    row_stride = math.ceil(n_q / block_m) * block_m
-    rows = torch.empty((2, batch, heads_q, row_stride), dtype=torch.float32, device=q.device)
-    if row_stride != n_q:  # padding rows: delta 0 and lse2 +inf, so that their weights are 0, not NaN
-        rows[0, ..., n_q:], rows[1, ..., n_q:] = 0.0, float("inf")
-    delta, lse2 = rows if row_stride == n_q else torch.empty((2, batch, heads_q, n_q), dtype=torch.float32,
-                                                             device=q.device)
-    module.attn_bwd_preprocess[(math.ceil(n_q / 64), heads_q, batch)](
-        out, do, lse, delta, lse2, *out.stride(), *do.stride(), heads_q, n_q, num_warps=4, num_stages=2)
-    if row_stride != n_q:  # the kernel reads row inputs in blocks of block_m: pad each head's rows
-        rows[0, ..., :n_q], rows[1, ..., :n_q] = delta, lse2
-    row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    row_descs = [TensorDescriptor(r.reshape(-1), [r.numel()], [1], [block_m], row_layout) for r in (rows[1], rows[0])]
-    dq = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    descs = descriptors([(q, block_m), (k, KEYS), (v, KEYS), (do, block_m), (dk, KEYS), (dv, KEYS)], q.dtype)
-    grid = (math.ceil(n_k / (2 * KEYS)), heads_kv, batch)
-    attn_bwd_fused[grid](*descs, *row_descs, dq, scale * 1.4426950408889634, scale, heads_q, heads_q // heads_kv,
-                         n_q, n_k, row_stride, causal_offset or 0, HEAD_DIM=head_dim, BLOCK_M=block_m, KEYS=KEYS,
-                         NUM_STAGES=stages, CAUSAL=causal_offset is not None, OWN_DQ=own_dq, DEFER=defer, num_warps=4)
-    return dq.to(q.dtype), dk, dv
-
-
 def gluon_dq(q, k, v, do, out, lse, lse2, delta, scale, causal_offset, *, block_n=64, stages=2, dq=None):
     """dQ (B, H_Q, N_Q, D) from attn_bwd_sm90's Gluon dQ kernel, which also fills lse2 and delta (float32
     (B, H_Q, N_Q))."""
@@ -542,20 +241,16 @@ class Backward:
     """flashgen's backward with one attn_bwd config; its dQ kernel (``dq_tiles``: BLOCK_N, NUM_STAGES) and its
     dK/dV kernel (``gluon_tiles``: BLOCK_M, NUM_STAGES) either attn_bwd's Triton ones or this script's Gluon ones."""
 
-    def __init__(self, variant, config, causal_offset, gluon_tiles=None, dq_tiles=None, fused_tiles=None):
+    def __init__(self, variant, config, causal_offset, gluon_tiles=None, dq_tiles=None):
         from flashgen.codegen import BACKWARD, kernel_module
 
         self.module = kernel_module(BACKWARD, variant, config)
         self.variant, self.config, self.causal_offset, self.gluon_tiles = variant, config, causal_offset, gluon_tiles
-        self.dq_tiles, self.fused_tiles = dq_tiles, fused_tiles
+        self.dq_tiles = dq_tiles
 
     def __call__(self, q, k, v, out, lse, do, scale):
         from flashgen import launch
 
-        if self.fused_tiles is not None:
-            block_m, stages, mode = self.fused_tiles
-            return gluon_fused(q, k, v, do, out, lse, scale, self.causal_offset, block_m=block_m, stages=stages,
-                               own_dq=mode == 1, defer=mode == 2)
         if self.gluon_tiles is None and self.dq_tiles is None:
             return launch.attention_backward(do, q, k, v, out, lse, variant=self.variant, config=self.config,
                                              scale=scale, causal_offset=self.causal_offset or 0)
@@ -590,18 +285,16 @@ class Backward:
         return dq, dk, dv
 
 
-def runs_of(dq_tiles, dkdv_tiles, fused_tiles=()) -> dict:
-    """The backward combinations to check and time, by column name: Gluon dQ with Triton's dK/dV, each
-    Gluon dQ beside each Gluon dK/dV, and the fused kernel: (dK/dV tiles, dQ tiles, fused tiles)."""
+def runs_of(dq_tiles, dkdv_tiles) -> dict:
+    """The backward combinations to check and time, by column name: Gluon dQ with Triton's dK/dV, and each
+    Gluon dQ beside each Gluon dK/dV: (dK/dV tiles, dQ tiles)."""
     runs = {}
     for n, s in dq_tiles:
-        runs[f"gdq n{n}-s{s}"] = (None, (n, s), None)
+        runs[f"gdq n{n}-s{s}"] = (None, (n, s))
         for m, t in dkdv_tiles:
-            runs[f"gdq n{n}-s{s} + gdkdv m{m}-s{t}"] = ((m, t), (n, s), None)
+            runs[f"gdq n{n}-s{s} + gdkdv m{m}-s{t}"] = ((m, t), (n, s))
     for m, t in dkdv_tiles:
-        runs.setdefault(f"gdkdv m{m}-s{t}", ((m, t), None, None))
-    for m, t, mode in fused_tiles:
-        runs[f"fused m{m}-s{t}-{('shared', 'own', 'deferred')[mode]}"] = (None, None, (m, t, mode))
+        runs.setdefault(f"gdkdv m{m}-s{t}", ((m, t), None))
     return runs
 
 
@@ -640,10 +333,8 @@ def check(cases, runs) -> list[dict]:
         out, lse = attention_forward(q, k, v, variant=variant, config=fwd, scale=scale, causal_offset=offset or 0)
         bwd = knob_table("attn_bwd").config(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True)
         ref = reference_grads(q, k, v, do, scale, offset)
-        for name, (dkdv_tiles, dq_tiles, fused_tiles) in runs.items():
-            if fused_tiles is not None and head_dim not in FUSED_HEAD_DIMS:
-                continue
-            run = Backward(variant, bwd, offset, gluon_tiles=dkdv_tiles, dq_tiles=dq_tiles, fused_tiles=fused_tiles)
+        for name, (dkdv_tiles, dq_tiles) in runs.items():
+            run = Backward(variant, bwd, offset, gluon_tiles=dkdv_tiles, dq_tiles=dq_tiles)
             grads = run(q, k, v, out, lse, do, scale)
             errors = [relative_error(got, want) for got, want in zip(grads, ref)]
             ok = all(e <= 2e-2 for e in errors)  # also false on NaN
@@ -682,11 +373,8 @@ def bench(head_dims, seqlens, runs, peers) -> list[dict]:
                 out, lse = attention_forward(q, k, v, variant=variant, config=fwd, scale=scale)
                 offset = 0 if causal else None
                 row["v4 config"] = config.key
-                for name, (dkdv_tiles, dq_tiles, fused_tiles) in [("v4", (None, None, None)), *runs.items()]:
-                    if fused_tiles is not None and head_dim not in FUSED_HEAD_DIMS:
-                        continue
-                    run = Backward(variant, config, offset, gluon_tiles=dkdv_tiles, dq_tiles=dq_tiles,
-                                   fused_tiles=fused_tiles)
+                for name, (dkdv_tiles, dq_tiles) in [("v4", (None, None)), *runs.items()]:
+                    run = Backward(variant, config, offset, gluon_tiles=dkdv_tiles, dq_tiles=dq_tiles)
                     try:
                         ms = median_ms(lambda: run(q, k, v, out, lse, do, scale))
                         row[name] = tflops(point.flops, ms)
@@ -764,37 +452,13 @@ def summarize(rows, gluon_columns) -> None:
               + " | " + " ".join(f"{r:.2f}" for r in ratios))
 
 
-def compile_only(tiles, dq_tiles, fused_tiles=()) -> None:
+def compile_only(tiles, dq_tiles) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sass_report import loop_opcodes, resource_usage
 
-    row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    for causal in (False, True):
-        for block_m, stages, mode in fused_tiles:
-            desc = {rows: f"tensordesc<bf16[1, 1, {rows}, 64],"
-                    f"{gl.NVMMASharedLayout.get_default_for([1, 1, rows, 64], gl.bfloat16)!r}>"
-                    for rows in {block_m, KEYS}}
-            rows = f"tensordesc<fp32[{block_m}],{row_layout!r}>"
-            signature = {"q_desc": desc[block_m], "k_desc": desc[KEYS], "v_desc": desc[KEYS], "do_desc": desc[block_m],
-                         "dk_desc": desc[KEYS], "dv_desc": desc[KEYS], "lse_desc": rows, "delta_desc": rows,
-                         "DQ": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "H_Q": "i32", "GROUP_SIZE": "i32",
-                         "N_Q": "i32", "N_K": "i32", "ROW_STRIDE": "i32", "causal_offset": "i32",
-                         "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "KEYS": "constexpr",
-                         "NUM_STAGES": "constexpr", "CAUSAL": "constexpr", "OWN_DQ": "constexpr", "DEFER": "constexpr"}
-            names = list(signature)
-            values = {"HEAD_DIM": 64, "BLOCK_M": block_m, "KEYS": KEYS, "NUM_STAGES": stages, "CAUSAL": causal,
-                      "OWN_DQ": mode == 1, "DEFER": mode == 2}
-            constexprs = {(names.index(n),): v for n, v in values.items()}
-            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("DQ", "N_Q", "N_K", "ROW_STRIDE")}
-            source = GluonASTSource(attn_bwd_fused, signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            sizes = ", ".join(str(sum(c.values())) for c in loop_opcodes(compiled) if sum(c.values()) > 100)
-            print(f"fused d64 {'causal' if causal else 'full'} m{block_m}-s{stages}-mode{mode}: "
-                  f"{resource_usage(compiled)}; shared {compiled.metadata.shared} B; consumer loops: {sizes} "
-                  "instructions", flush=True)
     for head_dim in (64, 128):
         for causal in (False, True):
             for block_m, stages in tiles:
@@ -838,9 +502,6 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", nargs="*", default=["64-2", "64-3"],
                         help="BLOCK_M-NUM_STAGES of the Gluon dK/dV kernel")
     parser.add_argument("--dq-tiles", nargs="*", default=[], help="BLOCK_N-NUM_STAGES of the Gluon dQ kernel")
-    parser.add_argument("--fused-tiles", nargs="*", default=[],
-                        help="BLOCK_M-NUM_STAGES-MODE of the fused five-product kernel (dQ summed atomically; D=64 "
-                        "only). MODE: 0 shared dQ product, 1 one per group, 2 shared and deferred a step")
     parser.add_argument("--head-dim", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--seqlen", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--peer", nargs="*", default=["flashgen", "cudnn", "flash", "flex"])
@@ -849,10 +510,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tiles = [tuple(int(x) for x in t.split("-")) for t in args.tiles]
     dq_tiles = [tuple(int(x) for x in t.split("-")) for t in args.dq_tiles]
-    fused_tiles = [tuple(int(x) for x in t.split("-")) for t in args.fused_tiles]
-    runs = runs_of(dq_tiles, tiles, fused_tiles)
+    runs = runs_of(dq_tiles, tiles)
     if args.compile_only:
-        compile_only(tiles, dq_tiles, fused_tiles)
+        compile_only(tiles, dq_tiles)
         return 0
     if args.breakdown:
         rows = breakdown(args.head_dim, args.seqlen, tiles, dq_tiles)
@@ -861,8 +521,7 @@ def main(argv=None) -> int:
         return 0
     results = {"gpu": torch.cuda.get_device_name()}
     if not args.skip_check:
-        fused_only = all(fused is not None for _, _, fused in runs.values())
-        cases = [(dt, d, c, shape) for dt in ("fp16", "bf16") for d in (FUSED_HEAD_DIMS if fused_only else (64, 128))
+        cases = [(dt, d, c, shape) for dt in ("fp16", "bf16") for d in (64, 128)
                  for c in (None, "top_left", "bottom_right")
                  for shape in ((2, 4, 2, 300, 200), (1, 2, 2, 256, 384))]
         results["check"] = check(cases, runs)

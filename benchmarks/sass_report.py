@@ -4,6 +4,7 @@ loop, from Triton's sm_90 compiler and the ptxas/cuobjdump that ship with Triton
     python benchmarks/sass_report.py attn_fwd 64 m128-n64-w8-s3
     python benchmarks/sass_report.py attn_bwd 128 m64-n64-w4-s2-tma=1 --causal --kernel attn_bwd_dkdv
     python benchmarks/sass_report.py attn_fwd_sm90 128 m128-n128-w4-s3-pingpong=1
+    python benchmarks/sass_report.py attn_bwd_fused_sm90 64 m64-n128-w4-s3-defer_dq=1 --causal
 
 Instruction counts are per thread and per trip of a loop (each warp issues them all). The kernel is compiled
 as a launch from PyTorch would specialise it: unit head-dim strides, 16-divisible pointers, strides and
@@ -32,7 +33,7 @@ from flashgen.spec import TORCH_DTYPES, Variant, knob_table  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = {"attn_fwd": ["attn_fwd"], "attn_fwd_sm90": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"],
-           "attn_bwd_sm90": ["attn_bwd_dq", "attn_bwd_dkdv"]}
+           "attn_bwd_sm90": ["attn_bwd_dq", "attn_bwd_dkdv"], "attn_bwd_fused_sm90": ["attn_bwd_fused", "attn_bwd_rows"]}
 ELEMENT_POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FLOAT32_POINTERS = {"Lse", "Lse2", "Delta", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -41,7 +42,7 @@ MATH = {"FMUL", "FFMA", "FADD", "FMNMX", "MUFU", "F2FP", "HGMMA", "SHFL", "FSEL"
 
 def descriptor_rows(template: str, kernel: str, config) -> dict[str, int]:
     """Rows of each tensor descriptor's box, as flashgen.launch builds them (the dQ kernel's are swapped)."""
-    if not config["tma"]:
+    if not config.to_dict().get("tma"):
         return {}
     if template == "attn_fwd":
         return {"Q": config.block_m, "K": config.block_n, "V": config.block_n, "Out": config.block_m}
@@ -54,6 +55,8 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
         return _compile_gluon_forward(variant, config)
     if template == "attn_bwd_sm90" and kernel == "attn_bwd_dq":
         return _compile_gluon_dq(variant, config)
+    if template == "attn_bwd_fused_sm90" and kernel == "attn_bwd_fused":
+        return _compile_gluon_fused(variant, config)
     if template == "attn_bwd_sm90":  # its dK/dV kernel is attn_bwd's
         from flashgen.launch import dkdv_config_of
 
@@ -67,9 +70,9 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
         elif name.startswith("stride_") and name.endswith("d"):  # head-dim strides are 1: Triton specialises them
             signature[name], constexprs[(i,)] = "constexpr", 1
         else:
-            if name in ELEMENT_POINTERS:
+            if name in ELEMENT_POINTERS and not (template == "attn_bwd_fused_sm90" and name == "DQ"):
                 signature[name] = f"*{variant.dtype}"
-            elif name in FLOAT32_POINTERS:
+            elif name in FLOAT32_POINTERS or name == "DQ":  # (attn_bwd_fused_sm90 adds dQ in float32)
                 signature[name] = "*fp32"
             else:
                 signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
@@ -106,6 +109,27 @@ def _compile_gluon_dq(variant: Variant, config):
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(kernel, signature, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def _compile_gluon_fused(variant: Variant, config):
+    """attn_bwd_fused_sm90's fused kernel (Gluon) with the descriptors :mod:`flashgen.launch` builds for it."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from flashgen.launch import _row_layout
+
+    kernel = kernel_module("attn_bwd_fused_sm90", variant, config).attn_bwd_fused
+    rows, keys = _gluon_descriptor_type(variant, config.block_m), _gluon_descriptor_type(variant, config.block_n // 2)
+    row_inputs = f"tensordesc<fp32[{config.block_m}],{_row_layout()[1]!r}>"
+    signature = {"q_desc": rows, "k_desc": keys, "v_desc": keys, "do_desc": rows, "dk_desc": keys, "dv_desc": keys,
+                 "lse2_desc": row_inputs, "delta_desc": row_inputs, "DQ": "*fp32", "qk_scale": "fp32",
+                 "sm_scale": "fp32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32", "ROW_STRIDE": "i32"}
+    if variant.causal:
+        signature["causal_offset"] = "i32"
+    assert list(signature) == kernel.arg_names, f"the kernel's arguments changed: {kernel.arg_names}"
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("DQ", "N_Q", "N_K", "ROW_STRIDE")}
+    source = GluonASTSource(kernel, signature, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
 def _compile_gluon_forward(variant: Variant, config):

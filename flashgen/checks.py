@@ -19,6 +19,7 @@ from flashgen.ops import draw_dropout_seed
 from flashgen.reference import reference_attention, reference_gradients, relative_error, tolerance
 from flashgen.spec import (
     BACKWARD,
+    BACKWARD_FUSED_SM90,
     BACKWARD_SM90,
     FORWARD,
     FORWARD_SM90,
@@ -45,6 +46,7 @@ class Case:
     dropout_p: float = 0.0
     transposed: bool = False  # q, k, v as (B, N, H, D) tensors viewed as (B, H, N, D): non-contiguous
     template: str = FORWARD  # the forward template that runs it
+    backward: str | None = None  # the backward template checked with ``gradients``; None: the forward's counterpart
 
     @property
     def variant(self) -> Variant:
@@ -54,7 +56,8 @@ class Case:
     def label(self) -> str:
         shape = f"B{self.batch} H{self.heads_q}/{self.heads_kv} N{self.n_q}x{self.n_k}"
         opts = [self.causal or "", f"p={self.dropout_p}" if self.dropout_p else "",
-                "strided" if self.transposed else "", self.template if self.template != FORWARD else ""]
+                "strided" if self.transposed else "", self.template if self.template != FORWARD else "",
+                self.backward or ""]  # fmt: skip
         return " ".join([self.variant.key, shape, *filter(None, opts)])
 
 
@@ -91,8 +94,8 @@ def random_inputs(case: Case, device: torch.device | str) -> tuple[torch.Tensor,
 
 def run_case(case: Case, device: torch.device | str, config: TileConfig | None = None, *, gradients: bool = False) -> Result:
     """Run the forward kernel of ``case`` (its template's default config unless ``config`` is given; with
-    ``gradients`` also the backward kernels, with their default config: attn_bwd_sm90's for attn_fwd_sm90's
-    cases) on fresh inputs and compare with the float64 reference."""
+    ``gradients`` also the backward kernels of ``case.backward``, with their default config: by default attn_bwd_sm90's
+    for attn_fwd_sm90's cases, attn_bwd's for the others) on fresh inputs and compare with the float64 reference."""
     info: DeviceInfo = device_info(device)
     variant = case.variant
     config = config or default_for(case.template, variant, info)
@@ -126,7 +129,7 @@ def run_case(case: Case, device: torch.device | str, config: TileConfig | None =
     grad_error = grad_tolerance = None
     if gradients:
         grad_out = torch.randn_like(out)
-        backward = BACKWARD_SM90 if case.template == FORWARD_SM90 else BACKWARD  # Hopper's cases: Hopper's kernels
+        backward = case.backward or (BACKWARD_SM90 if case.template == FORWARD_SM90 else BACKWARD)
         ours = attention_backward(
             grad_out, q, k, v, out, lse, variant=variant, config=default_for(backward, variant, info),
             scale=1.0 / math.sqrt(case.head_dim), causal_offset=offset or 0, dropout_p=case.dropout_p, seed=seed,
@@ -168,8 +171,11 @@ def default_cases(info: DeviceInfo) -> list[Case]:
             Case(1, 2, 1, 70 * scale, 90 * scale, 64, dtype, dropout_p=0.25),
         ]
     if not info.interpreter:
-        cases += [Case(2, 8, 2, 1000, 1000, 256, "bf16", causal="top_left"), Case(1, 4, 4, 512, 2048, 192, "fp16")]
-        # Hopper's own forward, on the cases it can run.
-        sm90 = knob_table(FORWARD_SM90)
-        cases += [replace(case, template=FORWARD_SM90) for case in cases if sm90.refusal(case.variant, info) is None]
+        cases += [Case(2, 8, 2, 1000, 1000, 256, "bf16", causal="top_left"), Case(1, 4, 4, 512, 2048, 192, "fp16"),
+                  Case(2, 4, 2, 700, 900, 64, "bf16")]  # fmt: skip
+        # Hopper's own forward, on the cases it can run, with Hopper's backward; and its fused backward.
+        sm90, fused = knob_table(FORWARD_SM90), knob_table(BACKWARD_FUSED_SM90)
+        hopper = [replace(case, template=FORWARD_SM90) for case in cases if sm90.refusal(case.variant, info) is None]
+        cases += hopper + [replace(case, backward=BACKWARD_FUSED_SM90) for case in hopper
+                           if fused.refusal(case.variant, info) is None]  # fmt: skip
     return cases

@@ -68,14 +68,15 @@ def main() -> None:
 @click.option("--template", type=click.Choice(list(TEMPLATES)), default="attn_fwd", show_default=True,
               help="The forward kernel (attn_fwd: Triton, any GPU; attn_fwd_sm90: Gluon, Hopper only), or the "
                    "backward's kernels (attn_bwd: dQ, then dK/dV; with atomic_dq, a row preprocess, then "
-                   "dK/dV; attn_bwd_sm90: its Gluon dQ kernel, Hopper only, before attn_bwd's dK/dV).")  # fmt: skip
+                   "dK/dV; attn_bwd_sm90: its Gluon dQ kernel, Hopper only, before attn_bwd's dK/dV; "
+                   "attn_bwd_fused_sm90: Hopper's one-kernel backward at D=64, dQ summed atomically).")  # fmt: skip
 @click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
               help="Set a knob of --template by name (the only way for the templates other than attn_fwd; their "
                    "knobs: templates/<template>.toml).")  # fmt: skip
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the source here instead of stdout.")
 def generate(head_dim: int, dtype: str, causal: bool, dropout: bool, template: str, knob_items: tuple[str, ...],
              output: Path | None, **knobs) -> None:  # fmt: skip
-    """Print the Triton (or, for attn_fwd_sm90 and attn_bwd_sm90, Gluon) source for a variant and tile config.
+    """Print the Triton (or, for the *_sm90 templates, Gluon) source for a variant and tile config.
 
     Knobs left out take the template's defaults (templates/<template>.toml). The --block-m ... flags set the
     forward template's knobs; --knob NAME=VALUE sets any template's.
@@ -232,7 +233,8 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--config", "config_keys", multiple=True, metavar="KEY",
               help="Also run flashgen forced to this tile config, e.g. m128-n64-w8-s3-tma=1, or one of another "
                    "template, attn_fwd_sm90:m128-n128-w4-s3 (repeatable; knobs left out take their defaults; a "
-                   "backward config with --direction bwd, attn_bwd_sm90:... for Hopper's).")  # fmt: skip
+                   "backward config with --direction bwd, attn_bwd_sm90:... or attn_bwd_fused_sm90:... for "
+                   "Hopper's).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
@@ -404,7 +406,7 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True, help="Stop a bucket after this many measured configs without improvement.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd", "both"]), default="fwd", show_default=True,
               help="Tune the forward kernels (attn_fwd, and attn_fwd_sm90 on Hopper for what it runs), the backward "
-                   "kernels (attn_bwd, and attn_bwd_sm90 on Hopper), or both.")  # fmt: skip
+                   "kernels (attn_bwd, and attn_bwd_sm90 and attn_bwd_fused_sm90 on Hopper), or both.")  # fmt: skip
 @click.option("--template", "only_templates", type=click.Choice(list(TEMPLATES)), multiple=True,
               help="Tune only these templates (instead of --direction).")  # fmt: skip
 @click.option("--exhaustive", is_flag=True, help="Measure the whole pruned space (how the sampler is judged).")

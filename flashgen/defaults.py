@@ -8,9 +8,10 @@ from functools import cache
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
-from flashgen.spec import BACKWARD_SM90, FORWARD_SM90, TileConfig, Variant, knob_table
+from flashgen.spec import BACKWARD_FUSED_SM90, BACKWARD_SM90, FORWARD_SM90, TileConfig, Variant, knob_table
 from flashgen.sram import (
     estimate_backward_shared_bytes,
+    estimate_fused_sm90_backward_shared_bytes,
     estimate_shared_bytes,
     estimate_sm90_backward_shared_bytes,
     estimate_sm90_shared_bytes,
@@ -142,10 +143,28 @@ def default_sm90_backward_config(variant: Variant, device: DeviceInfo, *, sram_b
     return config
 
 
+# Hopper's fused backward (attn_bwd_fused_sm90), from its experiment on the H100 and H200 (docs/hopper-notes.md,
+# v12): a 3-deep ring with the deferred dQ product was fastest at 4k and 16k tokens; 2 deep where shared memory is
+# short.
+_FUSED_SM90_BACKWARD_PREFERENCE = [(64, 128, 4, 3, {"defer_dq": True}), (64, 128, 4, 2, {"defer_dq": True})]
+
+
+@cache
+def default_fused_sm90_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+    """The attn_bwd_fused_sm90 config used when nothing tuned is known and where its searches start."""
+    config = _first_fitting(BACKWARD_FUSED_SM90, _FUSED_SM90_BACKWARD_PREFERENCE, variant, device, sram_budget,
+                            estimate_fused_sm90_backward_shared_bytes)  # fmt: skip
+    if config is None:
+        raise ValueError(f"no {BACKWARD_FUSED_SM90} config for {variant.key} fits a shared-memory budget of "
+                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
+    return config
+
+
 def default_for(template: str, variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
-    """The default config of ``template`` (attn_fwd, attn_fwd_sm90, attn_bwd or attn_bwd_sm90)."""
+    """The default config of ``template`` (attn_fwd, attn_fwd_sm90, attn_bwd, attn_bwd_sm90 or attn_bwd_fused_sm90)."""
     defaults = {FORWARD: default_config, FORWARD_SM90: default_sm90_config, BACKWARD: default_backward_config,
-                BACKWARD_SM90: default_sm90_backward_config}  # fmt: skip
+                BACKWARD_SM90: default_sm90_backward_config,
+                BACKWARD_FUSED_SM90: default_fused_sm90_backward_config}  # fmt: skip
     if template not in defaults:
         raise ValueError(f"template must be one of {sorted(defaults)}, got {template!r}")
     return defaults[template](variant, device, sram_budget=sram_budget)

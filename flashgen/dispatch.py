@@ -14,12 +14,13 @@ Lookup order for a (template, bucket):
    larger bucket), so a shape between tuned ones borrows its neighbour's tiles.
 3. ``default``: :mod:`flashgen.defaults`' heuristic.
 
-Each direction has two templates: the forward attn_fwd (Triton, every GPU) and attn_fwd_sm90 (Gluon, Hopper;
-fp16/bf16, head dim 64 or 128, no dropout), the backward attn_bwd (Triton) and attn_bwd_sm90 (a Gluon dQ kernel
-before attn_bwd's dK/dV kernel; the same limits). Where both can run, each is looked up as above and the better
-answer wins: an exact entry over a borrowed one, a nearer borrowed bucket over a farther one, then the faster
-tuned time (both are timed by the same evaluator on the same shapes, and where they are within 10% the tuner's
-final round times them side by side); with neither tuned, the Triton default.
+The forward has two templates: attn_fwd (Triton, every GPU) and attn_fwd_sm90 (Gluon, Hopper; fp16/bf16, head
+dim 64 or 128, no dropout). The backward has three: attn_bwd (Triton), attn_bwd_sm90 (a Gluon dQ kernel before
+attn_bwd's dK/dV kernel; the same limits) and attn_bwd_fused_sm90 (one Gluon kernel, head dim 64 only, dQ summed
+atomically: never picked when deterministic gradients are asked for). Where several can run, each is looked up
+as above and the best answer wins: an exact entry over a borrowed one, a nearer borrowed bucket over a farther
+one, then the faster tuned time (all are timed by the same evaluator on the same shapes, and where they are within
+10% the tuner's final round times them side by side); with none tuned, the Triton default.
 
 Decisions are memoised per (template, variant, bucket), so the runtime cost after the first call of a shape
 is a dictionary lookup. ``FLASHGEN_LOG=1`` logs each decision when it is first made (logger
@@ -344,10 +345,14 @@ def backward_choice(
     bucket: ShapeBucket, device: DeviceInfo, requested: TileConfig | None = None, *, deterministic: bool = False
 ) -> Choice:
     """The backward choice among the backward templates that can run ``bucket`` on ``device``, as
-    :func:`forward_choice` picks; with ``deterministic``, a picked attn_bwd config is switched to the separate
-    dQ kernel (no atomics; attn_bwd_sm90 has none). A requested config is used as it is (``flashgen.attention``
+    :func:`forward_choice` picks; with ``deterministic``, only among the templates whose gradients can be
+    bit-reproducible (not attn_bwd_fused_sm90), and a picked attn_bwd config is switched to the separate dQ
+    kernel (no atomics; attn_bwd_sm90 has none). A requested config is used as it is (``flashgen.attention``
     refuses an atomic one when deterministic gradients are asked for)."""
-    choice = _best_choice(BACKWARD_TEMPLATES, backward_template_of, bucket, device, requested)
+    templates = BACKWARD_TEMPLATES
+    if deterministic and requested is None:
+        templates = tuple(t for t in templates if knob_table(t).supports.deterministic)
+    choice = _best_choice(templates, backward_template_of, bucket, device, requested)
     if deterministic and requested is None and choice.template == BACKWARD and choice.config["atomic_dq"]:
         choice = replace(choice, config=_without_atomics(choice.config))
     return choice

@@ -11,6 +11,7 @@ import torch
 from flashgen.codegen import BACKWARD, FORWARD, kernel_module
 from flashgen.device import import_triton, tensor_descriptor_type
 from flashgen.spec import (
+    BACKWARD_FUSED_SM90,
     BACKWARD_SM90,
     FORWARD_SM90,
     TORCH_DTYPES,
@@ -288,21 +289,25 @@ def attention_backward(
     rng_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of a
-    backward template (attn_bwd, or attn_bwd_sm90 on Hopper). grad_out and out: (B, Hq, Nq, D), any strides;
-    lse: the forward's, contiguous. Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D), contiguous, in q's
-    dtype. Deterministic unless the config's ``atomic_dq`` knob is set (dQ is then summed with float32 atomic
-    adds in varying order). attn_bwd_sm90 loads through TMA: calls whose tensors it cannot address run
-    attn_bwd with the same dK/dV tiles."""
+    backward template (attn_bwd, or on Hopper attn_bwd_sm90 or attn_bwd_fused_sm90). grad_out and out: (B, Hq,
+    Nq, D), any strides; lse: the forward's, contiguous. Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D),
+    contiguous, in q's dtype. Deterministic unless the config's ``atomic_dq`` knob is set or its template is attn_bwd_fused_sm90 (dQ
+    is then summed with float32 atomic adds in varying order). attn_bwd_sm90 and attn_bwd_fused_sm90 load through
+    TMA: calls whose tensors they cannot address run attn_bwd, with the same dK/dV tiles (attn_bwd_sm90) or
+    :data:`FUSED_FALLBACK`."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty_like(dk)
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
-    if backward_template_of(config) == BACKWARD_SM90:
+    template = backward_template_of(config)
+    if template in (BACKWARD_SM90, BACKWARD_FUSED_SM90):
         if tma_ready(q, k, v, grad_out) and out.stride(-1) == 1 and not dropout_p:
-            return _sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset)
-        config = without_tma(dkdv_config_of(config))  # the same dK/dV tiles, and attn_bwd's dQ kernel
+            run = _sm90_backward if template == BACKWARD_SM90 else _fused_sm90_backward
+            return run(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset)
+        # attn_bwd_sm90: the same dK/dV tiles, and attn_bwd's dQ kernel
+        config = without_tma(dkdv_config_of(config)) if template == BACKWARD_SM90 else FUSED_FALLBACK
     module = kernel_module(BACKWARD, variant, config)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
@@ -372,6 +377,54 @@ def sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale
         heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else []), num_warps=4)
 
 
+# What attn_bwd_fused_sm90's configs run where TMA cannot address the tensors: attn_bwd's default tiles, with dQ
+# summed atomically as the fused kernel sums it (neither is bit-reproducible).
+FUSED_FALLBACK = knob_table(BACKWARD).config(atomic_dq=True)
+
+
+def _fused_sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset) -> tuple:
+    """attn_bwd_fused_sm90: its rows kernel (delta, lse2, dQ zeroed), then its fused kernel, which adds dQ in
+    float32; dQ is then cast to q's dtype."""
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    row_stride = math.ceil(q.shape[2] / config.block_m) * config.block_m
+    rows = torch.empty((2, q.shape[0] * q.shape[1] * row_stride), dtype=torch.float32, device=q.device)
+    for kernel, grid, args in _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale,
+                                              causal_offset):  # fmt: skip
+        kernel[grid](*args, num_warps=config.num_warps)
+    return dq.to(q.dtype), dk, dv
+
+
+def _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale, causal_offset) -> list:
+    """attn_bwd_fused_sm90's two launches, in order, as (kernel, grid, arguments). dq: float32 like q, contiguous;
+    rows: float32 (2, B * Hq * row_stride) for lse2 and delta, row_stride = Nq rounded up to block_m (each
+    step's rows load as one TMA box)."""
+    batch, heads_q, n_q, _ = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    module = kernel_module(BACKWARD_FUSED_SM90, variant, config)
+    row_stride = rows.shape[1] // (batch * heads_q)
+    rows_args = [out, grad_out, lse, rows[0], rows[1], dq, *out.stride()[:3], *grad_out.stride()[:3], heads_q, n_q,
+                 row_stride]  # fmt: skip
+    query_rows, keys = config.block_m, config.block_n // 2  # the boxes: one step's rows, one consumer group's keys
+    descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, query_rows), (k, keys), (v, keys),
+                                                                 (grad_out, query_rows), (dk, keys), (dv, keys))]  # fmt: skip
+    descriptor_type, layout = _row_layout()
+    row_descriptors = [descriptor_type(r, [r.numel()], [1], [query_rows], layout) for r in (rows[0], rows[1])]
+    fused_args = [*descriptors, *row_descriptors, dq, scale * LOG2E, scale, heads_q, heads_q // heads_kv, n_q, n_k,
+                  row_stride, *([causal_offset] if variant.causal else [])]  # fmt: skip
+    return [(module.attn_bwd_rows, (row_stride // config.block_m, heads_q, batch), rows_args),
+            (module.attn_bwd_fused, (math.ceil(n_k / config.block_n), heads_kv, batch), fused_args)]
+
+
+@functools.cache
+def _row_layout() -> tuple:
+    """Gluon's descriptor type and the shared layout of a 1-D float32 box (attn_bwd_fused_sm90's rows)."""
+    import_triton()
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor, gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+
+
 def _sm90_dq_programs(q_shape) -> int:
     """attn_bwd_sm90's dQ grid: one program per two consumer groups' rows of one (batch, head)."""
     batch, heads_q, n_q, _ = q_shape
@@ -426,7 +479,16 @@ def compile_backward(
     q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
     rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
-    sm90 = backward_template_of(config) == BACKWARD_SM90
+    template = backward_template_of(config)
+    if template == BACKWARD_FUSED_SM90:
+        row_stride = math.ceil(n_q / config.block_m) * config.block_m
+        fused_rows = torch.empty((2, batch * heads_q * row_stride), dtype=torch.float32, device=device)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=device)
+        for kernel, grid, args in _fused_launches(q, q, kv, kv, q, rows, dq, fused_rows, kv, kv, variant, config, 1.0,
+                                                  0):  # fmt: skip
+            kernel.warmup(*args, grid=grid, num_warps=config.num_warps)
+        return
+    sm90 = template == BACKWARD_SM90
     if sm90:
         group, keys = GROUP_ROWS, config["dq_block_n"]  # (rows: the float32 row buffers above)
         descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, group), (kv, keys), (kv, keys), (q, group),

@@ -20,6 +20,7 @@ from flashgen.dispatch import Choice, backward_choice, choose, env_flag, forward
 from flashgen.launch import ForwardLaunch, Sm90ForwardLaunch, attention_backward, forward_launch
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
+    BACKWARD,
     CAUSAL_ALIGNMENTS,
     DTYPE_NAMES,
     FORWARD_SM90,
@@ -30,6 +31,7 @@ from flashgen.spec import (
     backward_template_of,
     causal_offset,
     forward_template_of,
+    knob_table,
 )
 
 
@@ -210,9 +212,13 @@ def plan_call(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, co
 
 
 def _check_deterministic(backward_config: TileConfig | None, deterministic: bool) -> None:
-    if deterministic and backward_config is not None and backward_config.to_dict().get("atomic_dq"):
+    if not deterministic or backward_config is None:
+        return
+    template = backward_template_of(backward_config)
+    if backward_config.to_dict().get("atomic_dq") or not knob_table(template).supports.deterministic:
+        what = "atomic_dq=True" if template == BACKWARD else f"a config of {template}, which sums dQ atomically"
         raise ValueError(
-            "backward_config has atomic_dq=True, which is not bit-reproducible, but deterministic gradients "
+            f"backward_config has {what}, which is not bit-reproducible, but deterministic gradients "
             "were asked for (deterministic=True or torch.use_deterministic_algorithms(True))"
         )
 
@@ -271,7 +277,7 @@ def attention(
     bucket, else the nearest tuned bucket, else a default (``flashgen.explain`` says which and why).
     config / backward_config: force a tile config of a forward template (``flashgen.knob_table("attn_fwd")``
     or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of a backward template (``"attn_bwd"``, or on
-    Hopper ``"attn_bwd_sm90"``).
+    Hopper ``"attn_bwd_sm90"`` and, at D=64, ``"attn_bwd_fused_sm90"``).
     Differentiable in q, k and v (not through lse).
     deterministic: bit-reproducible gradients (no atomic dQ accumulation, whatever the tuned backward config
     says); default ``torch.are_deterministic_algorithms_enabled()``.

@@ -39,8 +39,9 @@ FORWARD = "attn_fwd"  # the templates: templates/<name>.py.j2 with its knob tabl
 FORWARD_SM90 = "attn_fwd_sm90"  # Hopper's own forward (Gluon); runs what its table's [template.supports] says
 BACKWARD = "attn_bwd"
 BACKWARD_SM90 = "attn_bwd_sm90"  # Hopper's backward: a Gluon dQ kernel, then attn_bwd's dK/dV kernel
+BACKWARD_FUSED_SM90 = "attn_bwd_fused_sm90"  # Hopper's backward in one Gluon kernel, dQ summed atomically
 FORWARD_TEMPLATES = (FORWARD, FORWARD_SM90)  # dispatch picks the faster tuned one per shape bucket
-BACKWARD_TEMPLATES = (BACKWARD, BACKWARD_SM90)  # likewise
+BACKWARD_TEMPLATES = (BACKWARD, BACKWARD_SM90, BACKWARD_FUSED_SM90)  # likewise
 TEMPLATES = (*FORWARD_TEMPLATES, *BACKWARD_TEMPLATES)
 
 
@@ -227,6 +228,8 @@ class Support:
     dtypes: tuple[str, ...] | None = None
     dropout: bool = True
     capabilities: tuple[tuple[int, int], ...] | None = None  # CUDA compute capabilities (major, minor)
+    # Whether its gradients are bit-reproducible: false where dQ is summed with atomic adds whatever the config.
+    deterministic: bool = True
 
     def refusal(self, variant: Variant, capability: tuple[int, int] | None) -> str | None:
         """Why the template cannot run ``variant`` on a device of ``capability`` (None: the interpreter),
@@ -381,7 +384,7 @@ def knob_table(template: str) -> KnobTable:
 
 def _parse_support(template: str, raw: Mapping[str, Any]) -> Support:
     where = f"templates/{template}.toml, [template.supports]"
-    unknown = set(raw) - {"head_dims", "dtypes", "dropout", "capabilities"}
+    unknown = set(raw) - {"head_dims", "dtypes", "dropout", "deterministic", "capabilities"}
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
     capabilities = raw.get("capabilities")
@@ -391,6 +394,7 @@ def _parse_support(template: str, raw: Mapping[str, Any]) -> Support:
         head_dims=tuple(raw["head_dims"]) if "head_dims" in raw else None,
         dtypes=tuple(raw["dtypes"]) if "dtypes" in raw else None,
         dropout=bool(raw.get("dropout", True)),
+        deterministic=bool(raw.get("deterministic", True)),
         capabilities=tuple(tuple(c) for c in capabilities) if capabilities is not None else None,
     )
 

@@ -1,7 +1,7 @@
-"""How much shared memory a forward kernel needs, so configs over the budget are pruned before compiling.
+"""How much shared memory a kernel needs, so configs over the budget are pruned before compiling.
 
-The model counts the tiles Triton keeps in shared memory: the Q tile (loaded once) and ``num_stages``
-buffers of the K and V tiles (the software pipeline's ring). Registers are not modelled. The error of this
+The model counts the tiles a kernel keeps in shared memory; for the forward, the Q tile (loaded once) and
+``num_stages`` buffers of the K and V tiles (the software pipeline's ring), and each other template's below. Registers are not modelled. The error of this
 estimate against what Triton reports for compiled kernels is measured on the GPU and written in
 ``docs/sram.md``.
 """
@@ -9,7 +9,7 @@ estimate against what Triton reports for compiled kernels is measured on the GPU
 from __future__ import annotations
 
 from flashgen.device import DeviceInfo
-from flashgen.spec import BACKWARD, BACKWARD_SM90, FORWARD, FORWARD_SM90, TileConfig, Variant
+from flashgen.spec import BACKWARD, BACKWARD_FUSED_SM90, BACKWARD_SM90, FORWARD, FORWARD_SM90, TileConfig, Variant
 
 
 def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
@@ -53,6 +53,20 @@ def estimate_sm90_backward_shared_bytes(variant: Variant, config: TileConfig) ->
     return max(estimate_backward_shared_bytes(variant, config), dq_kernel)
 
 
+def estimate_fused_sm90_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:
+    """Shared memory of one program of Hopper's fused backward (attn_bwd_fused_sm90), in bytes: ``num_stages``
+    buffers of a step's Q and dO tiles and its rows' float32 lse2 and delta; the program's K and V (``block_n``
+    keys); two dS^T buffers of ``block_n`` x ``block_m``; the two consumer groups' scratch for moving their dQ
+    (``block_m`` x D float32 each) into the atomics' layout; and 128 bytes for the mbarriers (compiled for sm_90
+    with Triton 3.6, D=64, 2-4 stages: 80-112 bytes above the rest)."""
+    row_bytes = variant.head_dim * variant.element_size
+    ring = config.num_stages * (2 * config.block_m * row_bytes + 2 * config.block_m * 4)
+    keys = 2 * config.block_n * row_bytes
+    ds_tiles = 2 * config.block_n * config.block_m * variant.element_size
+    dq_scratch = 2 * config.block_m * variant.head_dim * 4
+    return ring + keys + ds_tiles + dq_scratch + 128
+
+
 def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | None:
     """The bytes a program may use: the device's limit, lowered to ``user_budget`` if given (None: no limit)."""
     if user_budget is not None and (isinstance(user_budget, bool) or not isinstance(user_budget, int) or user_budget <= 0):
@@ -66,6 +80,7 @@ ESTIMATES = {
     FORWARD_SM90: estimate_sm90_shared_bytes,
     BACKWARD: estimate_backward_shared_bytes,
     BACKWARD_SM90: estimate_sm90_backward_shared_bytes,
+    BACKWARD_FUSED_SM90: estimate_fused_sm90_backward_shared_bytes,
 }
 
 

@@ -35,6 +35,7 @@ from flashgen.reference import reference_attention, reference_gradients, relativ
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
     BACKWARD,
+    BACKWARD_FUSED_SM90,
     BACKWARD_SM90,
     BACKWARD_TEMPLATES,
     FORWARD,
@@ -628,9 +629,16 @@ class Sm90BackwardEvaluator(BackwardEvaluator):
     template = BACKWARD_SM90
 
 
+class FusedSm90BackwardEvaluator(BackwardEvaluator):
+    """Hopper's fused backward, attn_bwd_fused_sm90: checked and timed as attn_bwd is (its time includes the rows
+    kernel and dQ's cast), so their times compare."""
+
+    template = BACKWARD_FUSED_SM90
+
+
 def evaluator_for(template: str, bucket: ShapeBucket, device: torch.device | str, **kwargs) -> KernelEvaluator:
     evaluators = {FORWARD: ForwardEvaluator, FORWARD_SM90: Sm90ForwardEvaluator, BACKWARD: BackwardEvaluator,
-                  BACKWARD_SM90: Sm90BackwardEvaluator}  # fmt: skip
+                  BACKWARD_SM90: Sm90BackwardEvaluator, BACKWARD_FUSED_SM90: FusedSm90BackwardEvaluator}  # fmt: skip
     return evaluators[template](bucket, device, **kwargs)
 
 

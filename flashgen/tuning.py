@@ -2,8 +2,8 @@
 
 The glue between the tuner (search, measure) and the store (persist): each faster config found is written
 at once, so an interrupted run loses nothing, and running the same buckets again resumes their studies.
-After each bucket's search comes a final round: its fastest configs, and the stored winner of the other template
-of the same direction (dispatch picks between the two by their times), are timed again side by side, and the
+After each bucket's search comes a final round: its fastest configs, and the fastest stored winner of the other
+templates of the same direction (dispatch picks among them by their times), are timed again side by side, and the
 medians of that round are what is stored.
 """
 
@@ -166,16 +166,15 @@ def start_configs(entries: list[TunedEntry], template: str, bucket: ShapeBucket,
 
 
 def sibling_entry(entries: list[TunedEntry], template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:
-    """Among stored ``entries``, the current winner for ``bucket`` on this device of the other template of
+    """Among stored ``entries``, the fastest current winner for ``bucket`` on this device of the other templates of
     ``template``'s direction (the one dispatch weighs it against), if there is one and it can run here."""
     family = FORWARD_TEMPLATES if template in FORWARD_TEMPLATES else BACKWARD_TEMPLATES
     triton_version = toolchain()["triton"]
-    for entry in entries:
-        if (entry.template in family and entry.template != template and entry.device == info
-                and entry.bucket == bucket and not entry.is_stale(template_digest(entry.template), triton_version)
-                and knob_table(entry.template).refusal(bucket.variant, info) is None):  # fmt: skip
-            return entry
-    return None
+    rivals = [entry for entry in entries
+              if entry.template in family and entry.template != template and entry.device == info
+              and entry.bucket == bucket and not entry.is_stale(template_digest(entry.template), triton_version)
+              and knob_table(entry.template).refusal(bucket.variant, info) is None]  # fmt: skip
+    return min(rivals, key=lambda entry: entry.median_ms, default=None)
 
 
 def _final_round(result: BucketResult, evaluator: KernelEvaluator, sibling: TunedEntry | None, store: TuningStore,

@@ -184,12 +184,16 @@ SHAPES = [(2, 4, 2, 333, 517), (1, 2, 1, 517, 333), (2, 2, 2, 1, 300)]
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"], ids=lambda c: c or "full")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.key)
 def test_gradients_match_reference_on_hopper(dtype, head_dim, causal, config):
-    variant = Variant(head_dim, dtype, causal=causal is not None)
+    assert_gradients_match(Variant(head_dim, dtype, causal=causal is not None), causal, config, SHAPES)
+
+
+def assert_gradients_match(variant, causal, config, shapes):
+    """attention_backward with ``config`` against float64 on each (B, Hq, Hkv, Nq, Nk) of ``shapes``."""
     forward = knob_table("attn_fwd").config(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    for batch, heads_q, heads_kv, n_q, n_k in SHAPES:
+    for batch, heads_q, heads_kv, n_q, n_k in shapes:
         offset = 0 if causal in (None, "top_left") else n_k - n_q
-        q = torch.randn(batch, heads_q, n_q, head_dim, device="cuda", dtype=TORCH_DTYPES[dtype])
-        k, v = (torch.randn(batch, heads_kv, n_k, head_dim, device="cuda", dtype=q.dtype) for _ in range(2))
+        q = torch.randn(batch, heads_q, n_q, variant.head_dim, device="cuda", dtype=TORCH_DTYPES[variant.dtype])
+        k, v = (torch.randn(batch, heads_kv, n_k, variant.head_dim, device="cuda", dtype=q.dtype) for _ in range(2))
         grad = torch.randn_like(q)
         out, lse = attention_forward(q, k, v, variant=variant, config=forward, scale=0.125, causal_offset=offset)
         ours = attention_backward(grad, q, k, v, out, lse, variant=variant, config=config, scale=0.125,
@@ -205,9 +209,14 @@ def test_gradients_match_reference_on_hopper(dtype, head_dim, causal, config):
 @pytest.mark.gpu
 @hopper
 def test_through_attention_and_tensors_tma_cannot_address():
-    # Autograd through flashgen.attention with a forced config; then (B, N, H, D) views with an odd row stride,
-    # which TMA cannot address: those run attn_bwd with the same dK/dV tiles.
-    config = CONFIGS[0]
+    # Views TMA cannot address run attn_bwd with the same dK/dV tiles.
+    assert_attention_gradients(CONFIGS[0])
+
+
+def assert_attention_gradients(config):
+    """Autograd through flashgen.attention with a forced backward ``config`` (bf16, D=64, causal) against float64,
+    on (B, N, H, D) storage viewed as (B, H, N, D): rows of 64 elements, which TMA can address, and of 65, which it
+    cannot (an odd row stride)."""
     for width in (64, 65):
         base = torch.randn(3, 2, 300, 2, width, device="cuda", dtype=torch.bfloat16)
         q, k, v = (t[..., :64].transpose(1, 2).detach().requires_grad_() for t in base.unbind(0))
