@@ -33,7 +33,8 @@ from flashgen.spec import TORCH_DTYPES, Variant, knob_table  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = {"attn_fwd": ["attn_fwd"], "attn_fwd_sm90": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"],
-           "attn_bwd_sm90": ["attn_bwd_dq", "attn_bwd_dkdv"], "attn_bwd_fused_sm90": ["attn_bwd_fused", "attn_bwd_rows"]}
+           "attn_bwd_sm90": ["attn_bwd_dq", "attn_bwd_dkdv"],
+           "attn_bwd_fused_sm90": ["attn_bwd_fused", "attn_bwd_rows"]}
 ELEMENT_POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FLOAT32_POINTERS = {"Lse", "Lse2", "Delta", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -64,16 +65,18 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
     fn = getattr(kernel_module(template, variant, config), kernel)
     rows = descriptor_rows(template, kernel, config)
     signature, constexprs, attrs = {}, {}, {}
+    # attn_bwd_fused_sm90's rows kernel zeroes a float32 dQ, which its fused kernel adds to.
+    float32_pointers = FLOAT32_POINTERS | ({"DQ"} if template == "attn_bwd_fused_sm90" else set())
     for i, name in enumerate(fn.arg_names):
         if name in rows:
             signature[name] = f"tensordesc<{variant.dtype}[1, 1, {rows[name]}, {variant.head_dim_padded}]>"
         elif name.startswith("stride_") and name.endswith("d"):  # head-dim strides are 1: Triton specialises them
             signature[name], constexprs[(i,)] = "constexpr", 1
         else:
-            if name in ELEMENT_POINTERS and not (template == "attn_bwd_fused_sm90" and name == "DQ"):
-                signature[name] = f"*{variant.dtype}"
-            elif name in FLOAT32_POINTERS or name == "DQ":  # (attn_bwd_fused_sm90 adds dQ in float32)
+            if name in float32_pointers:
                 signature[name] = "*fp32"
+            elif name in ELEMENT_POINTERS:
+                signature[name] = f"*{variant.dtype}"
             else:
                 signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
             if signature[name].startswith("*") or name.startswith("stride_") or name in ("N_Q", "N_K"):

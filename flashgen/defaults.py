@@ -150,7 +150,8 @@ _FUSED_SM90_BACKWARD_PREFERENCE = [(64, 128, 4, 3, {"defer_dq": True}), (64, 128
 
 
 @cache
-def default_fused_sm90_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
+def default_fused_sm90_backward_config(variant: Variant, device: DeviceInfo, *,
+                                       sram_budget: int | None = None) -> TileConfig:  # fmt: skip
     """The attn_bwd_fused_sm90 config used when nothing tuned is known and where its searches start."""
     config = _first_fitting(BACKWARD_FUSED_SM90, _FUSED_SM90_BACKWARD_PREFERENCE, variant, device, sram_budget,
                             estimate_fused_sm90_backward_shared_bytes)  # fmt: skip

@@ -291,10 +291,10 @@ def attention_backward(
     """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of a
     backward template (attn_bwd, or on Hopper attn_bwd_sm90 or attn_bwd_fused_sm90). grad_out and out: (B, Hq,
     Nq, D), any strides; lse: the forward's, contiguous. Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D),
-    contiguous, in q's dtype. Deterministic unless the config's ``atomic_dq`` knob is set or its template is attn_bwd_fused_sm90 (dQ
-    is then summed with float32 atomic adds in varying order). attn_bwd_sm90 and attn_bwd_fused_sm90 load through
-    TMA: calls whose tensors they cannot address run attn_bwd, with the same dK/dV tiles (attn_bwd_sm90) or
-    :data:`FUSED_FALLBACK`."""
+    contiguous, in q's dtype. Deterministic unless the config's ``atomic_dq`` knob is set or its template is
+    attn_bwd_fused_sm90 (dQ is then summed with float32 atomic adds in varying order). attn_bwd_sm90 and
+    attn_bwd_fused_sm90 load through TMA: calls whose tensors they cannot address run attn_bwd, with the same
+    dK/dV tiles (attn_bwd_sm90) or :data:`FUSED_FALLBACK`."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
@@ -385,19 +385,26 @@ FUSED_FALLBACK = knob_table(BACKWARD).config(atomic_dq=True)
 def _fused_sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset) -> tuple:
     """attn_bwd_fused_sm90: its rows kernel (delta, lse2, dQ zeroed), then its fused kernel, which adds dQ in
     float32; dQ is then cast to q's dtype."""
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    row_stride = math.ceil(q.shape[2] / config.block_m) * config.block_m
-    rows = torch.empty((2, q.shape[0] * q.shape[1] * row_stride), dtype=torch.float32, device=q.device)
+    dq, rows = _fused_buffers(q, config)
     for kernel, grid, args in _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale,
                                               causal_offset):  # fmt: skip
         kernel[grid](*args, num_warps=config.num_warps)
     return dq.to(q.dtype), dk, dv
 
 
+def _fused_buffers(q: torch.Tensor, config: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """attn_bwd_fused_sm90's float32 buffers (its rows kernel fills them): dQ, shaped like q and contiguous; and
+    lse2 and delta, (2, B * Hq * row_stride), row_stride = Nq rounded up to block_m (a step's rows load as one TMA
+    box)."""
+    batch, heads_q, n_q, _ = q.shape
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    row_stride = math.ceil(n_q / config.block_m) * config.block_m
+    return dq, torch.empty((2, batch * heads_q * row_stride), dtype=torch.float32, device=q.device)
+
+
 def _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale, causal_offset) -> list:
-    """attn_bwd_fused_sm90's two launches, in order, as (kernel, grid, arguments). dq: float32 like q, contiguous;
-    rows: float32 (2, B * Hq * row_stride) for lse2 and delta, row_stride = Nq rounded up to block_m (each
-    step's rows load as one TMA box)."""
+    """attn_bwd_fused_sm90's two launches, in order, as (kernel, grid, arguments); dq and rows from
+    :func:`_fused_buffers`."""
     batch, heads_q, n_q, _ = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     module = kernel_module(BACKWARD_FUSED_SM90, variant, config)
@@ -405,8 +412,8 @@ def _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, conf
     rows_args = [out, grad_out, lse, rows[0], rows[1], dq, *out.stride()[:3], *grad_out.stride()[:3], heads_q, n_q,
                  row_stride]  # fmt: skip
     query_rows, keys = config.block_m, config.block_n // 2  # the boxes: one step's rows, one consumer group's keys
-    descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, query_rows), (k, keys), (v, keys),
-                                                                 (grad_out, query_rows), (dk, keys), (dv, keys))]  # fmt: skip
+    boxes = ((q, query_rows), (k, keys), (v, keys), (grad_out, query_rows), (dk, keys), (dv, keys))
+    descriptors = [_gluon_descriptor(t, r, variant) for t, r in boxes]
     descriptor_type, layout = _row_layout()
     row_descriptors = [descriptor_type(r, [r.numel()], [1], [query_rows], layout) for r in (rows[0], rows[1])]
     fused_args = [*descriptors, *row_descriptors, dq, scale * LOG2E, scale, heads_q, heads_q // heads_kv, n_q, n_k,
@@ -481,9 +488,7 @@ def compile_backward(
     rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
     template = backward_template_of(config)
     if template == BACKWARD_FUSED_SM90:
-        row_stride = math.ceil(n_q / config.block_m) * config.block_m
-        fused_rows = torch.empty((2, batch * heads_q * row_stride), dtype=torch.float32, device=device)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=device)
+        dq, fused_rows = _fused_buffers(q, config)
         for kernel, grid, args in _fused_launches(q, q, kv, kv, q, rows, dq, fused_rows, kv, kv, variant, config, 1.0,
                                                   0):  # fmt: skip
             kernel.warmup(*args, grid=grid, num_warps=config.num_warps)

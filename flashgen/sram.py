@@ -1,9 +1,9 @@
 """How much shared memory a kernel needs, so configs over the budget are pruned before compiling.
 
-The model counts the tiles a kernel keeps in shared memory; for the forward, the Q tile (loaded once) and
-``num_stages`` buffers of the K and V tiles (the software pipeline's ring), and each other template's below. Registers are not modelled. The error of this
-estimate against what Triton reports for compiled kernels is measured on the GPU and written in
-``docs/sram.md``.
+The model counts the tiles a kernel keeps in shared memory: for the forward, the Q tile (loaded once) and
+``num_stages`` buffers of the K and V tiles (the software pipeline's ring); each other template's below.
+Registers are not modelled. The error of this estimate against what Triton reports for compiled kernels is
+written in ``docs/sram.md``.
 """
 
 from __future__ import annotations
