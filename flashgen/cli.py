@@ -415,9 +415,9 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
 @click.option("--compile-workers", type=click.IntRange(min=0), help="Processes compiling candidates ahead [default: up to 8 on a GPU].")
 @click.option("--final-rounds", type=click.IntRange(min=0),
-              help="After each bucket's search, time its three fastest configs (within 10%) and the other template's "
-                   "stored winner this many times each, side by side, and store those medians [default: 3 on a GPU, "
-                   "0 in the interpreter; 0 skips it].")  # fmt: skip
+              help="After each bucket's search, time its three fastest configs (within 10%) and the fastest stored "
+                   "winner of the direction's other templates (if within 10% too) this many times each, side by side, "
+                   "and store those medians [default: 3 on a GPU, 0 in the interpreter; 0 skips it].")  # fmt: skip
 @_DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trials, time_budget, patience, direction,
@@ -426,9 +426,9 @@ def tune(preset, head_dims, dtypes, causal_modes, seqlens, tokens, hidden, trial
     """Search tile configs for shape buckets on this GPU and store the winners in the tuning database.
 
     Each bucket is tuned by timing its representative shape; every candidate is checked against a float64
-    reference first. A final round then times the fastest few again side by side, with the other template's
-    winner for the bucket. Ctrl-C keeps everything measured; running the same command again continues (and
-    runs the final rounds again).
+    reference first. A final round then times the fastest few again side by side, with the fastest winner of
+    the other templates for the bucket where its time is close. Ctrl-C keeps everything measured; running the
+    same command again continues (and runs the final rounds again).
     Without a GPU, tuning runs in Triton's interpreter on tiny shapes and its results are marked as
     interpreter results, which a GPU never uses.
     """

@@ -114,8 +114,8 @@ class BucketResult:
     times: dict[str, float] = field(default_factory=dict)  # config key -> median ms, of every correct config
     default_config: TileConfig | None = None  # set by the caller that chose it, for reporting
     template: str = FORWARD
-    # The final round (flashgen.tuning): median ms of each finalist by config key, and of the other template's
-    # winner by "template:key"; empty when there was none.
+    # The final round (flashgen.tuning): median ms of each finalist by config key, and of the fastest other
+    # template's winner by "template:key"; empty when there was none.
     final_times: dict[str, float] = field(default_factory=dict)
 
 
