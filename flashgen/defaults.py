@@ -9,14 +9,7 @@ from functools import cache
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
 from flashgen.spec import BACKWARD_FUSED_SM90, BACKWARD_SM90, FORWARD_SM90, TileConfig, Variant, knob_table
-from flashgen.sram import (
-    estimate_backward_shared_bytes,
-    estimate_fused_sm90_backward_shared_bytes,
-    estimate_shared_bytes,
-    estimate_sm90_backward_shared_bytes,
-    estimate_sm90_shared_bytes,
-    shared_budget,
-)
+from flashgen.sram import ESTIMATES, estimate_shared_bytes, shared_budget
 
 # (block_m, block_n, num_warps, num_stages[, template knobs]), best first; the first that fits the
 # shared-memory budget wins. A starting point until a tuned entry exists, not a tuned answer.
@@ -37,9 +30,10 @@ _HOPPER_PREFERENCE = {
 _INTERPRETER_DEFAULT = (64, 32, 4, 1)
 
 
-def _first_fitting(template: str, candidates, variant: Variant, device: DeviceInfo, sram_budget: int | None,
-                   estimate) -> TileConfig | None:  # fmt: skip
-    table = knob_table(template)
+def _first_fitting(template: str, candidates, variant: Variant, device: DeviceInfo,
+                   sram_budget: int | None) -> TileConfig | None:  # fmt: skip
+    """The first of ``candidates`` whose shared memory (``template``'s SRAM model) fits the budget, or None."""
+    table, estimate = knob_table(template), ESTIMATES[template]
     budget = shared_budget(device, sram_budget)
     for block_m, block_n, num_warps, num_stages, *knobs in candidates:
         config = table.config(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
@@ -47,6 +41,15 @@ def _first_fitting(template: str, candidates, variant: Variant, device: DeviceIn
         if budget is None or estimate(variant, config) <= budget:
             return config
     return None
+
+
+def _first_fitting_or_error(template: str, candidates, variant: Variant, device: DeviceInfo,
+                            sram_budget: int | None) -> TileConfig:  # fmt: skip
+    config = _first_fitting(template, candidates, variant, device, sram_budget)
+    if config is None:
+        raise ValueError(f"no {template} config for {variant.key} fits a shared-memory budget of "
+                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
+    return config
 
 
 def _candidates(preference: dict, hopper: dict, interpreter_default: tuple, variant: Variant, device: DeviceInfo) -> list[tuple]:
@@ -61,7 +64,7 @@ def _candidates(preference: dict, hopper: dict, interpreter_default: tuple, vari
 def default_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The forward config used when nothing better is known for ``variant`` on ``device``."""
     candidates = _candidates(_GPU_PREFERENCE, _HOPPER_PREFERENCE, _INTERPRETER_DEFAULT, variant, device) + [(16, 16, 4, 1)]
-    config = _first_fitting(FORWARD, candidates, variant, device, sram_budget, estimate_shared_bytes)
+    config = _first_fitting(FORWARD, candidates, variant, device, sram_budget)
     if config is None:
         smallest = knob_table(FORWARD).config(block_m=16, block_n=16, num_warps=4, num_stages=1)
         raise ValueError(
@@ -93,12 +96,7 @@ def default_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget
     """The backward config used when nothing better is known (the backward is not tuned yet)."""
     candidates = _candidates(_GPU_BACKWARD_PREFERENCE, _HOPPER_BACKWARD_PREFERENCE, _INTERPRETER_BACKWARD_DEFAULT,
                              variant, device)  # fmt: skip
-    config = _first_fitting(BACKWARD, candidates, variant, device, sram_budget, estimate_backward_shared_bytes)
-    if config is None:
-        raise ValueError(
-            f"no backward config for {variant.key} fits a shared-memory budget of {shared_budget(device, sram_budget)} bytes"
-        )
-    return config
+    return _first_fitting_or_error(BACKWARD, candidates, variant, device, sram_budget)
 
 
 # Hopper's own forward (attn_fwd_sm90), from the 2026-11-22 runs of its experiment on the H100 and H200
@@ -115,11 +113,7 @@ _SM90_PREFERENCE = {
 def default_sm90_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The attn_fwd_sm90 config used when nothing tuned is known and where its searches start."""
     candidates = _SM90_PREFERENCE.get(variant.head_dim, _SM90_PREFERENCE[128])
-    config = _first_fitting(FORWARD_SM90, candidates, variant, device, sram_budget, estimate_sm90_shared_bytes)
-    if config is None:
-        raise ValueError(f"no {FORWARD_SM90} config for {variant.key} fits a shared-memory budget of "
-                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
-    return config
+    return _first_fitting_or_error(FORWARD_SM90, candidates, variant, device, sram_budget)
 
 
 # Hopper's own backward (attn_bwd_sm90): the dK/dV tiles attn_bwd's tuning chose at each head dim, and the Gluon
@@ -135,12 +129,7 @@ _SM90_BACKWARD_PREFERENCE = {
 def default_sm90_backward_config(variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
     """The attn_bwd_sm90 config used when nothing tuned is known and where its searches start."""
     candidates = _SM90_BACKWARD_PREFERENCE.get(variant.head_dim, _SM90_BACKWARD_PREFERENCE[128])
-    config = _first_fitting(BACKWARD_SM90, candidates, variant, device, sram_budget,
-                            estimate_sm90_backward_shared_bytes)  # fmt: skip
-    if config is None:
-        raise ValueError(f"no {BACKWARD_SM90} config for {variant.key} fits a shared-memory budget of "
-                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
-    return config
+    return _first_fitting_or_error(BACKWARD_SM90, candidates, variant, device, sram_budget)
 
 
 # Hopper's fused backward (attn_bwd_fused_sm90), from its experiment on the H100 and H200 (docs/hopper-notes.md,
@@ -153,12 +142,8 @@ _FUSED_SM90_BACKWARD_PREFERENCE = [(64, 128, 4, 3, {"defer_dq": True}), (64, 128
 def default_fused_sm90_backward_config(variant: Variant, device: DeviceInfo, *,
                                        sram_budget: int | None = None) -> TileConfig:  # fmt: skip
     """The attn_bwd_fused_sm90 config used when nothing tuned is known and where its searches start."""
-    config = _first_fitting(BACKWARD_FUSED_SM90, _FUSED_SM90_BACKWARD_PREFERENCE, variant, device, sram_budget,
-                            estimate_fused_sm90_backward_shared_bytes)  # fmt: skip
-    if config is None:
-        raise ValueError(f"no {BACKWARD_FUSED_SM90} config for {variant.key} fits a shared-memory budget of "
-                         f"{shared_budget(device, sram_budget)} bytes")  # fmt: skip
-    return config
+    return _first_fitting_or_error(BACKWARD_FUSED_SM90, _FUSED_SM90_BACKWARD_PREFERENCE, variant, device,
+                                   sram_budget)  # fmt: skip
 
 
 def default_for(template: str, variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
