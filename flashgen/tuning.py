@@ -9,6 +9,7 @@ medians of that round are what is stored.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo, device_info, toolchain
 from flashgen.defaults import default_for
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES, KnobValue, TileConfig, knob_table
+from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES, KnobTable, KnobValue, TileConfig, knob_table
 from flashgen.sram import shared_budget
 from flashgen.tuner import (
     Budget,
@@ -157,12 +158,28 @@ def start_configs(entries: list[TunedEntry], template: str, bucket: ShapeBucket,
                   default: TileConfig) -> list[TileConfig]:
     """What a search of ``bucket`` measures first, in order: the default config; the bucket's own stored winners
     on this device, newest first, even those a template edit made stale (after the edit they are still the best
-    guess); then what the other buckets of its variant found (other lengths and batch sizes usually share their
-    best tiles). The search then never ends worse than any of them."""
+    guess; with each value of any knob added since); then what the other buckets of its variant found (other
+    lengths and batch sizes usually share their best tiles). The search then never ends worse than any of them."""
+    table = knob_table(template)
     mine = [e for e in entries if e.template == template and e.device == info and e.bucket.variant == bucket.variant]
-    own = [e.config for e in sorted(mine, key=lambda e: e.created_at, reverse=True) if e.bucket == bucket]
-    neighbours = [e.config for e in mine if e.bucket != bucket]
+    own = [config for e in sorted(mine, key=lambda e: e.created_at, reverse=True) if e.bucket == bucket
+           for config in _as_knobs_now_stand(table, e.config)]  # fmt: skip
+    neighbours = [configs[0] for e in mine if e.bucket != bucket if (configs := _as_knobs_now_stand(table, e.config))]
     return list(dict.fromkeys([default, *own, *neighbours]))
+
+
+def _as_knobs_now_stand(table: KnobTable, config: TileConfig) -> list[TileConfig]:
+    """A stored ``config`` in the template's current knobs. Knobs added since it was stored take each of their
+    choices, the default first (the kernel it was): the search then measures what a new knob does to a known
+    winner before anything else. Empty if it names a knob or a value the template no longer has."""
+    values = config.to_dict()
+    added = [knob for knob in table.knobs if knob.name not in values]
+    choices = [[knob.default, *(c for c in knob.choices if c != knob.default)] for knob in added]
+    try:
+        return [table.config(**values, **dict(zip((knob.name for knob in added), combo)))
+                for combo in itertools.product(*choices)]
+    except ValueError:
+        return []
 
 
 def sibling_entry(entries: list[TunedEntry], template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:

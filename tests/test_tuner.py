@@ -324,3 +324,38 @@ def test_a_search_starts_from_the_default_then_the_buckets_own_winners_even_stal
                entry(newer, digest="newer", day=2), entry(default, bucket=longer)]
     assert start_configs(entries, "attn_fwd", BUCKET, h100, default) == [default, newer, older, neighbour]
     assert start_configs(entries, "attn_fwd_sm90", BUCKET, h100, default) == [default]
+
+
+def test_a_winner_stored_before_a_knob_existed_starts_the_search_with_each_of_its_values():
+    from dataclasses import replace
+    from datetime import datetime
+
+    from flashgen.db import TunedEntry
+    from flashgen.device import DeviceInfo, toolchain
+    from flashgen.spec import TileConfig
+    from flashgen.tuning import start_configs
+
+    sm90 = knob_table("attn_fwd_sm90")
+    h100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, interpreter=False)
+    longer = ShapeBucket.of(BUCKET.variant, batch=1, heads_q=2, heads_kv=2, n_q=4 * BUCKET.n_q, n_k=4 * BUCKET.n_k)
+
+    def stored(bucket, **knobs):  # a winner of a template that had no `persistent` knob yet
+        values = {k: v for k, v in sm90.config(**knobs).to_dict().items() if k != "persistent"}
+        return TunedEntry(template="attn_fwd_sm90", template_digest="old", device=h100, toolchain=toolchain(),
+                          bucket=bucket, config=TileConfig.from_dict(values), median_ms=1.0, tflops=1.0, error=1e-3,
+                          trials=5, trials_to_best=1, tuning_seconds=1.0, source_sha256="a" * 64,
+                          created_at=datetime(2026, 11, 1))  # fmt: skip
+
+    gone = TileConfig.from_dict({**sm90.config(block_n=64).to_dict(), "num_stages": 9})  # a choice since dropped
+    entries = [stored(BUCKET, block_n=64, pingpong=True), stored(longer, num_stages=2),
+               stored(BUCKET, block_n=128), stored(longer, num_stages=4)]
+    entries.append(replace(entries[0], config=gone))
+    default = sm90.default_config()
+    # The bucket's own winners with the new knob at its default (the kernel they were) and at each other value;
+    # other buckets' winners at the default only; a config the template cannot express any more is dropped.
+    assert start_configs(entries, "attn_fwd_sm90", BUCKET, h100, default) == [
+        default,
+        sm90.config(block_n=64, pingpong=True), sm90.config(block_n=64, pingpong=True, persistent=True),
+        sm90.config(block_n=128, persistent=True),
+        sm90.config(num_stages=2), sm90.config(num_stages=4),
+    ]  # fmt: skip
