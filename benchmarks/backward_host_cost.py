@@ -1,7 +1,7 @@
-"""Experiment (issue 6, v8): attn_bwd_sm90 against attn_bwd at D=128 and 1k tokens (B=16, H=16, bf16), in one
-process. For each backward template: the median time per call (flashgen.timing.median_ms), the host time per
-call (20 calls queued before synchronising), and the time through flashgen.attention's autograd, which is how
-`flashgen bench --direction bwd` calls it. A backward whose host time per call exceeds its GPU time leaves the
+"""Experiment (issue 6, v8; v19 added attn_bwd_fused_tma_sm90): the D=128 backward templates at 1k tokens (B=16,
+H=16, bf16), in one process. For each backward template: the median time per call (flashgen.timing.median_ms), the
+host time per call (20 calls queued before synchronising), and the time and host time through flashgen.attention's
+autograd, which is how `flashgen bench --direction bwd` calls it. A backward whose host time per call exceeds its GPU time leaves the
 GPU idle between calls.
 
     python benchmarks/backward_host_cost.py      # on a Hopper GPU, from the repository root
@@ -26,6 +26,7 @@ BATCH, HEADS, SEQLEN, HEAD_DIM = 16, 16, 1024, 128
 CONFIGS = {
     "attn_bwd": knob_table("attn_bwd").config(block_m=64, block_n=64, num_warps=4, num_stages=2, tma=True),
     "attn_bwd_sm90": knob_table("attn_bwd_sm90").config(dq_stages=3),
+    "attn_bwd_fused_tma_sm90": knob_table("attn_bwd_fused_tma_sm90").default_config(),
 }
 
 
@@ -62,8 +63,8 @@ def main() -> None:
 
             ms, autograd_ms = median_ms(direct), median_ms(through_autograd)
             print(f"causal={causal} {name}: {flops / ms / 1e9:.0f} TFLOP/s ({ms:.3f} ms), host "
-                  f"{host_ms(direct):.3f} ms/call; through autograd {flops / autograd_ms / 1e9:.0f} TFLOP/s",
-                  flush=True)  # fmt: skip
+                  f"{host_ms(direct):.3f} ms/call; through autograd {flops / autograd_ms / 1e9:.0f} TFLOP/s, host "
+                  f"{host_ms(through_autograd):.3f} ms/call", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ loop, from Triton's sm_90 compiler and the ptxas/cuobjdump that ship with Triton
     python benchmarks/sass_report.py attn_bwd 128 m64-n64-w4-s2-tma=1 --causal --kernel attn_bwd_dkdv
     python benchmarks/sass_report.py attn_fwd_sm90 128 m128-n128-w4-s3-pingpong=1
     python benchmarks/sass_report.py attn_bwd_fused_sm90 64 m64-n128-w4-s3-defer_dq=1 --causal
+    python benchmarks/sass_report.py attn_bwd_fused_tma_sm90 128 m64-n128-w4-s2 --causal
 
 Instruction counts are per thread and per trip of a loop (each warp issues them all). The kernel is compiled
 as a launch from PyTorch would specialise it: unit head-dim strides, 16-divisible pointers, strides and
@@ -23,18 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flashgen.codegen import kernel_module  # noqa: E402
-from flashgen.spec import TORCH_DTYPES, Variant, knob_table  # noqa: E402
+from flashgen.spec import Variant, knob_table  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = {"attn_fwd": ["attn_fwd"], "attn_fwd_sm90": ["attn_fwd"], "attn_bwd": ["attn_bwd_dkdv", "attn_bwd_dq"],
            "attn_bwd_sm90": ["attn_bwd_dq", "attn_bwd_dkdv"],
-           "attn_bwd_fused_sm90": ["attn_bwd_fused", "attn_bwd_rows"]}
+           "attn_bwd_fused_sm90": ["attn_bwd_fused", "attn_bwd_rows"],
+           "attn_bwd_fused_tma_sm90": ["attn_bwd_fused", "attn_bwd_rows"]}
 ELEMENT_POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FLOAT32_POINTERS = {"Lse", "Lse2", "Delta", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "sm_scale", "dropout_p"}
@@ -56,8 +57,8 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
         return _compile_gluon_forward(variant, config)
     if template == "attn_bwd_sm90" and kernel == "attn_bwd_dq":
         return _compile_gluon_dq(variant, config)
-    if template == "attn_bwd_fused_sm90" and kernel == "attn_bwd_fused":
-        return _compile_gluon_fused(variant, config)
+    if template in ("attn_bwd_fused_sm90", "attn_bwd_fused_tma_sm90") and kernel == "attn_bwd_fused":
+        return _compile_gluon_fused(template, variant, config)
     if template == "attn_bwd_sm90":  # its dK/dV kernel is attn_bwd's
         from flashgen.launch import dkdv_config_of
 
@@ -66,7 +67,7 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
     rows = descriptor_rows(template, kernel, config)
     signature, constexprs, attrs = {}, {}, {}
     # attn_bwd_fused_sm90's rows kernel zeroes a float32 dQ, which its fused kernel adds to.
-    float32_pointers = FLOAT32_POINTERS | ({"DQ"} if template == "attn_bwd_fused_sm90" else set())
+    float32_pointers = FLOAT32_POINTERS | ({"DQ"} if template.startswith("attn_bwd_fused") else set())
     for i, name in enumerate(fn.arg_names):
         if name in rows:
             signature[name] = f"tensordesc<{variant.dtype}[1, 1, {rows[name]}, {variant.head_dim_padded}]>"
@@ -86,12 +87,14 @@ def compile_for_sm90(template: str, kernel: str, variant: Variant, config):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _gluon_descriptor_type(variant: Variant, rows: int) -> str:
-    from flashgen.launch import _gluon_descriptor
+def _gluon_descriptor_type(variant: Variant, rows: int, dtype: str | None = None, columns: int | None = None) -> str:
+    """The signature type of a descriptor :mod:`flashgen.launch` builds: a box of ``rows`` by ``columns`` (default
+    the head dim) elements of ``dtype`` (default the variant's)."""
+    from flashgen.launch import _gluon_box
 
-    layout = _gluon_descriptor(torch.empty(1, 1, rows, variant.head_dim, dtype=TORCH_DTYPES[variant.dtype]), rows,
-                               variant).layout  # fmt: skip
-    return f"tensordesc<{variant.dtype}[1, 1, {rows}, {variant.head_dim}],{layout!r}>"
+    dtype, columns = dtype or variant.dtype, columns or variant.head_dim
+    layout = _gluon_box(dtype, rows, columns)[2]
+    return f"tensordesc<{dtype}[1, 1, {rows}, {columns}],{layout!r}>"
 
 
 def _compile_gluon_dq(variant: Variant, config):
@@ -114,23 +117,27 @@ def _compile_gluon_dq(variant: Variant, config):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def _compile_gluon_fused(variant: Variant, config):
-    """attn_bwd_fused_sm90's fused kernel (Gluon) with the descriptors :mod:`flashgen.launch` builds for it."""
+def _compile_gluon_fused(template: str, variant: Variant, config):
+    """A fused backward template's fused kernel (Gluon) with the descriptors :mod:`flashgen.launch` builds for it."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from flashgen.launch import _row_layout
 
-    kernel = kernel_module("attn_bwd_fused_sm90", variant, config).attn_bwd_fused
+    kernel = kernel_module(template, variant, config).attn_bwd_fused
     rows, keys = _gluon_descriptor_type(variant, config.block_m), _gluon_descriptor_type(variant, config.block_n // 2)
     row_inputs = f"tensordesc<fp32[{config.block_m}],{_row_layout()[1]!r}>"
+    dq = ("dq_desc", _gluon_descriptor_type(variant, config.block_m, "fp32", variant.head_dim // 2))
+    if template == "attn_bwd_fused_sm90":  # its atomics take a pointer
+        dq = ("DQ", "*fp32")
     signature = {"q_desc": rows, "k_desc": keys, "v_desc": keys, "do_desc": rows, "dk_desc": keys, "dv_desc": keys,
-                 "lse2_desc": row_inputs, "delta_desc": row_inputs, "DQ": "*fp32", "qk_scale": "fp32",
+                 "lse2_desc": row_inputs, "delta_desc": row_inputs, dq[0]: dq[1], "qk_scale": "fp32",
                  "sm_scale": "fp32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32", "ROW_STRIDE": "i32"}
     if variant.causal:
         signature["causal_offset"] = "i32"
     assert list(signature) == kernel.arg_names, f"the kernel's arguments changed: {kernel.arg_names}"
     names = list(signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("DQ", "N_Q", "N_K", "ROW_STRIDE")}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("DQ", "N_Q", "N_K", "ROW_STRIDE")
+             if name in names}
     source = GluonASTSource(kernel, signature, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 

@@ -20,6 +20,7 @@ from flashgen.reference import reference_attention, reference_gradients, relativ
 from flashgen.spec import (
     BACKWARD,
     BACKWARD_FUSED_SM90,
+    BACKWARD_FUSED_TMA_SM90,
     BACKWARD_SM90,
     FORWARD,
     FORWARD_SM90,
@@ -173,9 +174,9 @@ def default_cases(info: DeviceInfo) -> list[Case]:
     if not info.interpreter:
         cases += [Case(2, 8, 2, 1000, 1000, 256, "bf16", causal="top_left"), Case(1, 4, 4, 512, 2048, 192, "fp16"),
                   Case(2, 4, 2, 700, 900, 64, "bf16")]  # fmt: skip
-        # Hopper's own forward, on the cases it can run, with Hopper's backward; and its fused backward.
-        sm90, fused = knob_table(FORWARD_SM90), knob_table(BACKWARD_FUSED_SM90)
+        # Hopper's own forward, on the cases it can run, with Hopper's backward; and its fused backwards.
+        sm90 = knob_table(FORWARD_SM90)
         hopper = [replace(case, template=FORWARD_SM90) for case in cases if sm90.refusal(case.variant, info) is None]
-        cases += hopper + [replace(case, backward=BACKWARD_FUSED_SM90) for case in hopper
-                           if fused.refusal(case.variant, info) is None]  # fmt: skip
+        cases += hopper + [replace(case, backward=fused) for fused in (BACKWARD_FUSED_SM90, BACKWARD_FUSED_TMA_SM90)
+                           for case in hopper if knob_table(fused).refusal(case.variant, info) is None]  # fmt: skip
     return cases

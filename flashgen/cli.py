@@ -69,7 +69,8 @@ def main() -> None:
               help="The forward kernel (attn_fwd: Triton, any GPU; attn_fwd_sm90: Gluon, Hopper only), or the "
                    "backward's kernels (attn_bwd: dQ, then dK/dV; with atomic_dq, a row preprocess, then "
                    "dK/dV; attn_bwd_sm90: its Gluon dQ kernel, Hopper only, before attn_bwd's dK/dV; "
-                   "attn_bwd_fused_sm90: Hopper's one-kernel backward at D=64, dQ summed atomically).")  # fmt: skip
+                   "attn_bwd_fused_sm90 and attn_bwd_fused_tma_sm90: Hopper's one-kernel backwards at D=64 and D=128, "
+                   "dQ summed in float32 in varying order).")  # fmt: skip
 @click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
               help="Set a knob of --template by name (the only way for the templates other than attn_fwd; their "
                    "knobs: templates/<template>.toml).")  # fmt: skip
@@ -233,8 +234,8 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--config", "config_keys", multiple=True, metavar="KEY",
               help="Also run flashgen forced to this tile config, e.g. m128-n64-w8-s3-tma=1, or one of another "
                    "template, attn_fwd_sm90:m128-n128-w4-s3 (repeatable; knobs left out take their defaults; a "
-                   "backward config with --direction bwd, attn_bwd_sm90:... or attn_bwd_fused_sm90:... for "
-                   "Hopper's).")  # fmt: skip
+                   "backward config with --direction bwd, attn_bwd_sm90:..., attn_bwd_fused_sm90:... or "
+                   "attn_bwd_fused_tma_sm90:... for Hopper's).")  # fmt: skip
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
@@ -406,7 +407,7 @@ def _parse_space(items: tuple[str, ...], template: str = FORWARD, *, single: boo
 @click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True, help="Stop a bucket after this many measured configs without improvement.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd", "both"]), default="fwd", show_default=True,
               help="Tune the forward kernels (attn_fwd, and attn_fwd_sm90 on Hopper for what it runs), the backward "
-                   "kernels (attn_bwd, and attn_bwd_sm90 and attn_bwd_fused_sm90 on Hopper), or both.")  # fmt: skip
+                   "kernels (attn_bwd, and attn_bwd_sm90 and the fused ones on Hopper for what they run), or both.")  # fmt: skip
 @click.option("--template", "only_templates", type=click.Choice(list(TEMPLATES)), multiple=True,
               help="Tune only these templates (instead of --direction).")  # fmt: skip
 @click.option("--exhaustive", is_flag=True, help="Measure the whole pruned space (how the sampler is judged).")

@@ -8,7 +8,15 @@ from functools import cache
 
 from flashgen.codegen import BACKWARD, FORWARD
 from flashgen.device import DeviceInfo
-from flashgen.spec import BACKWARD_FUSED_SM90, BACKWARD_SM90, FORWARD_SM90, TileConfig, Variant, knob_table
+from flashgen.spec import (
+    BACKWARD_FUSED_SM90,
+    BACKWARD_FUSED_TMA_SM90,
+    BACKWARD_SM90,
+    FORWARD_SM90,
+    TileConfig,
+    Variant,
+    knob_table,
+)
 from flashgen.sram import ESTIMATES, estimate_shared_bytes, shared_budget
 
 # (block_m, block_n, num_warps, num_stages[, template knobs]), best first; the first that fits the
@@ -146,11 +154,19 @@ def default_fused_sm90_backward_config(variant: Variant, device: DeviceInfo, *,
                                    sram_budget)  # fmt: skip
 
 
+@cache
+def default_fused_tma_sm90_backward_config(variant: Variant, device: DeviceInfo, *,
+                                           sram_budget: int | None = None) -> TileConfig:  # fmt: skip
+    """The attn_bwd_fused_tma_sm90 config: its table has one (docs/hopper-notes.md, v19)."""
+    return _first_fitting_or_error(BACKWARD_FUSED_TMA_SM90, [(64, 128, 4, 2, {})], variant, device, sram_budget)
+
+
 def default_for(template: str, variant: Variant, device: DeviceInfo, *, sram_budget: int | None = None) -> TileConfig:
-    """The default config of ``template`` (attn_fwd, attn_fwd_sm90, attn_bwd, attn_bwd_sm90 or attn_bwd_fused_sm90)."""
+    """The default config of ``template`` (one of :data:`flashgen.spec.TEMPLATES`)."""
     defaults = {FORWARD: default_config, FORWARD_SM90: default_sm90_config, BACKWARD: default_backward_config,
                 BACKWARD_SM90: default_sm90_backward_config,
-                BACKWARD_FUSED_SM90: default_fused_sm90_backward_config}  # fmt: skip
+                BACKWARD_FUSED_SM90: default_fused_sm90_backward_config,
+                BACKWARD_FUSED_TMA_SM90: default_fused_tma_sm90_backward_config}  # fmt: skip
     if template not in defaults:
         raise ValueError(f"template must be one of {sorted(defaults)}, got {template!r}")
     return defaults[template](variant, device, sram_budget=sram_budget)

@@ -12,6 +12,7 @@ from flashgen.codegen import BACKWARD, FORWARD, kernel_module
 from flashgen.device import import_triton, tensor_descriptor_type
 from flashgen.spec import (
     BACKWARD_FUSED_SM90,
+    BACKWARD_FUSED_TMA_SM90,
     BACKWARD_SM90,
     FORWARD_SM90,
     TORCH_DTYPES,
@@ -289,12 +290,12 @@ def attention_backward(
     rng_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_forward` (same variant, scale, offsets and seed) with a config of a
-    backward template (attn_bwd, or on Hopper attn_bwd_sm90 or attn_bwd_fused_sm90). grad_out and out: (B, Hq,
-    Nq, D), any strides; lse: the forward's, contiguous. Returns dq (B, Hq, Nq, D), dk and dv (B, Hkv, Nk, D),
-    contiguous, in q's dtype. Deterministic unless the config's ``atomic_dq`` knob is set or its template is
-    attn_bwd_fused_sm90 (dQ is then summed with float32 atomic adds in varying order). attn_bwd_sm90 and
-    attn_bwd_fused_sm90 load through TMA: calls whose tensors they cannot address run attn_bwd, with the same
-    dK/dV tiles (attn_bwd_sm90) or :data:`FUSED_FALLBACK`."""
+    backward template (attn_bwd, or on Hopper attn_bwd_sm90, attn_bwd_fused_sm90 or attn_bwd_fused_tma_sm90).
+    grad_out and out: (B, Hq, Nq, D), any strides; lse: the forward's, contiguous. Returns dq (B, Hq, Nq, D), dk and
+    dv (B, Hkv, Nk, D), contiguous, in q's dtype. Deterministic unless the config's ``atomic_dq`` knob is set or its
+    template is a fused one (dQ is then summed in float32 in varying order). The Hopper templates load through TMA:
+    calls whose tensors they cannot address run attn_bwd, with the same dK/dV tiles (attn_bwd_sm90) or
+    :data:`FUSED_FALLBACK`."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
@@ -302,7 +303,7 @@ def attention_backward(
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
     template = backward_template_of(config)
-    if template in (BACKWARD_SM90, BACKWARD_FUSED_SM90):
+    if template in (BACKWARD_SM90, *FUSED_SM90):
         if tma_ready(q, k, v, grad_out) and out.stride(-1) == 1 and not dropout_p:
             run = _sm90_backward if template == BACKWARD_SM90 else _fused_sm90_backward
             return run(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset)
@@ -377,13 +378,16 @@ def sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale
         heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else []), num_warps=4)
 
 
-# What attn_bwd_fused_sm90's configs run where TMA cannot address the tensors: attn_bwd's default tiles, with dQ
-# summed atomically as the fused kernel sums it (neither is bit-reproducible).
+# The fused templates: one Gluon kernel after a rows kernel, dQ summed in float32 (attn_bwd_fused_sm90 with atomic
+# adds from registers, attn_bwd_fused_tma_sm90 with the TMA engine's reduce-adds from shared memory).
+FUSED_SM90 = (BACKWARD_FUSED_SM90, BACKWARD_FUSED_TMA_SM90)
+# What their configs run where TMA cannot address the tensors: attn_bwd's default tiles, with dQ summed atomically
+# as the fused kernels sum it (neither is bit-reproducible).
 FUSED_FALLBACK = knob_table(BACKWARD).config(atomic_dq=True)
 
 
 def _fused_sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset) -> tuple:
-    """attn_bwd_fused_sm90: its rows kernel (delta, lse2, dQ zeroed), then its fused kernel, which adds dQ in
+    """A fused template's config: its rows kernel (delta, lse2, dQ zeroed), then its fused kernel, which adds dQ in
     float32; dQ is then cast to q's dtype."""
     dq, rows = _fused_buffers(q, config)
     for kernel, grid, args in _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale,
@@ -393,7 +397,7 @@ def _fused_sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, s
 
 
 def _fused_buffers(q: torch.Tensor, config: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """attn_bwd_fused_sm90's float32 buffers (its rows kernel fills them): dQ, shaped like q and contiguous; and
+    """A fused template's float32 buffers (its rows kernel fills them): dQ, shaped like q and contiguous; and
     lse2 and delta, (2, B * Hq * row_stride), row_stride = Nq rounded up to block_m (a step's rows load as one TMA
     box)."""
     batch, heads_q, n_q, _ = q.shape
@@ -403,11 +407,12 @@ def _fused_buffers(q: torch.Tensor, config: TileConfig) -> tuple[torch.Tensor, t
 
 
 def _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale, causal_offset) -> list:
-    """attn_bwd_fused_sm90's two launches, in order, as (kernel, grid, arguments); dq and rows from
+    """A fused template's two launches, in order, as (kernel, grid, arguments); dq and rows from
     :func:`_fused_buffers`."""
     batch, heads_q, n_q, _ = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
-    module = kernel_module(BACKWARD_FUSED_SM90, variant, config)
+    template = backward_template_of(config)
+    module = kernel_module(template, variant, config)
     row_stride = rows.shape[1] // (batch * heads_q)
     rows_args = [out, grad_out, lse, rows[0], rows[1], dq, *out.stride()[:3], *grad_out.stride()[:3], heads_q, n_q,
                  row_stride]  # fmt: skip
@@ -416,6 +421,9 @@ def _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, conf
     descriptors = [_gluon_descriptor(t, r, variant) for t, r in boxes]
     descriptor_type, layout = _row_layout()
     row_descriptors = [descriptor_type(r, [r.numel()], [1], [query_rows], layout) for r in (rows[0], rows[1])]
+    if template == BACKWARD_FUSED_TMA_SM90:  # dQ through a descriptor: each consumer group adds half its columns
+        descriptor_type, box, layout = _gluon_box("fp32", query_rows, variant.head_dim // 2)
+        dq = descriptor_type(dq, list(dq.shape), list(dq.stride()), box, layout)
     fused_args = [*descriptors, *row_descriptors, dq, scale * LOG2E, scale, heads_q, heads_q // heads_kv, n_q, n_k,
                   row_stride, *([causal_offset] if variant.causal else [])]  # fmt: skip
     return [(module.attn_bwd_rows, (row_stride // config.block_m, heads_q, batch), rows_args),
@@ -445,15 +453,15 @@ def _gluon_descriptor(t: torch.Tensor, rows: int, variant: Variant):
 
 
 @functools.cache
-def _gluon_box(dtype: str, rows: int, head_dim: int) -> tuple:
-    """Gluon's descriptor type, and the box (1, 1, rows, head_dim) with its NVMMA shared layout (9 us to make on
-    a CPU: once per shape, not per call)."""
+def _gluon_box(dtype: str, rows: int, columns: int) -> tuple:
+    """Gluon's descriptor type, and the box (1, 1, rows, columns) of ``dtype`` elements with its NVMMA shared layout
+    (9 us to make on a CPU: once per shape, not per call)."""
     import_triton()
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    box = [1, 1, rows, head_dim]
-    element = {"fp16": gl.float16, "bf16": gl.bfloat16}[dtype]
+    box = [1, 1, rows, columns]
+    element = {"fp16": gl.float16, "bf16": gl.bfloat16, "fp32": gl.float32}[dtype]
     return TensorDescriptor, box, gl.NVMMASharedLayout.get_default_for(box, element)
 
 
@@ -487,7 +495,7 @@ def compile_backward(
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
     rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
     template = backward_template_of(config)
-    if template == BACKWARD_FUSED_SM90:
+    if template in FUSED_SM90:
         dq, fused_rows = _fused_buffers(q, config)
         for kernel, grid, args in _fused_launches(q, q, kv, kv, q, rows, dq, fused_rows, kv, kv, variant, config, 1.0,
                                                   0):  # fmt: skip

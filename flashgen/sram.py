@@ -9,7 +9,16 @@ written in ``docs/sram.md``.
 from __future__ import annotations
 
 from flashgen.device import DeviceInfo
-from flashgen.spec import BACKWARD, BACKWARD_FUSED_SM90, BACKWARD_SM90, FORWARD, FORWARD_SM90, TileConfig, Variant
+from flashgen.spec import (
+    BACKWARD,
+    BACKWARD_FUSED_SM90,
+    BACKWARD_FUSED_TMA_SM90,
+    BACKWARD_SM90,
+    FORWARD,
+    FORWARD_SM90,
+    TileConfig,
+    Variant,
+)
 
 
 def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
@@ -67,6 +76,20 @@ def estimate_fused_sm90_backward_shared_bytes(variant: Variant, config: TileConf
     return ring + keys + ds_tiles + dq_scratch + 128
 
 
+def estimate_fused_tma_sm90_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:
+    """Shared memory of one program of Hopper's fused backward with TMA-summed dQ (attn_bwd_fused_tma_sm90), in
+    bytes: ``num_stages`` buffers of a step's Q and dO tiles and its rows' float32 lse2 and delta; the program's K and
+    V (``block_n`` keys); each consumer group's P tile and two dS tiles (``block_m`` x ``block_n / 2``); each group's
+    float32 staging tile of half of dQ's columns; and 512 bytes for the mbarriers and warp specialisation (compiled
+    for sm_90 with Triton 3.6, D=128, 2 stages: 480-496 bytes above the rest)."""
+    row_bytes = variant.head_dim * variant.element_size
+    ring = config.num_stages * (2 * config.block_m * row_bytes + 2 * config.block_m * 4)
+    keys = 2 * config.block_n * row_bytes
+    score_tiles = 3 * config.block_m * config.block_n * variant.element_size  # P, and dS twice, of both groups
+    dq_staging = config.block_m * variant.head_dim * 4
+    return ring + keys + score_tiles + dq_staging + 512
+
+
 def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | None:
     """The bytes a program may use: the device's limit, lowered to ``user_budget`` if given (None: no limit)."""
     if user_budget is not None and (isinstance(user_budget, bool) or not isinstance(user_budget, int) or user_budget <= 0):
@@ -81,6 +104,7 @@ ESTIMATES = {
     BACKWARD: estimate_backward_shared_bytes,
     BACKWARD_SM90: estimate_sm90_backward_shared_bytes,
     BACKWARD_FUSED_SM90: estimate_fused_sm90_backward_shared_bytes,
+    BACKWARD_FUSED_TMA_SM90: estimate_fused_tma_sm90_backward_shared_bytes,
 }
 
 

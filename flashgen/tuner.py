@@ -36,6 +36,7 @@ from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
     BACKWARD,
     BACKWARD_FUSED_SM90,
+    BACKWARD_FUSED_TMA_SM90,
     BACKWARD_SM90,
     BACKWARD_TEMPLATES,
     FORWARD,
@@ -636,9 +637,16 @@ class FusedSm90BackwardEvaluator(BackwardEvaluator):
     template = BACKWARD_FUSED_SM90
 
 
+class FusedTmaSm90BackwardEvaluator(BackwardEvaluator):
+    """Hopper's fused backward at D=128, attn_bwd_fused_tma_sm90: checked and timed as attn_bwd is."""
+
+    template = BACKWARD_FUSED_TMA_SM90
+
+
 def evaluator_for(template: str, bucket: ShapeBucket, device: torch.device | str, **kwargs) -> KernelEvaluator:
     evaluators = {FORWARD: ForwardEvaluator, FORWARD_SM90: Sm90ForwardEvaluator, BACKWARD: BackwardEvaluator,
-                  BACKWARD_SM90: Sm90BackwardEvaluator, BACKWARD_FUSED_SM90: FusedSm90BackwardEvaluator}  # fmt: skip
+                  BACKWARD_SM90: Sm90BackwardEvaluator, BACKWARD_FUSED_SM90: FusedSm90BackwardEvaluator,
+                  BACKWARD_FUSED_TMA_SM90: FusedTmaSm90BackwardEvaluator}  # fmt: skip
     return evaluators[template](bucket, device, **kwargs)
 
 

@@ -213,13 +213,13 @@ def test_through_attention_and_tensors_tma_cannot_address():
     assert_attention_gradients(CONFIGS[0])
 
 
-def assert_attention_gradients(config):
-    """Autograd through flashgen.attention with a forced backward ``config`` (bf16, D=64, causal) against float64,
-    on (B, N, H, D) storage viewed as (B, H, N, D): rows of 64 elements, which TMA can address, and of 65, which it
-    cannot (an odd row stride)."""
-    for width in (64, 65):
+def assert_attention_gradients(config, head_dim=64):
+    """Autograd through flashgen.attention with a forced backward ``config`` (bf16, causal) against float64, on
+    (B, N, H, D) storage viewed as (B, H, N, D): rows of ``head_dim`` elements, which TMA can address, and of one
+    more, which it cannot (an odd row stride)."""
+    for width in (head_dim, head_dim + 1):
         base = torch.randn(3, 2, 300, 2, width, device="cuda", dtype=torch.bfloat16)
-        q, k, v = (t[..., :64].transpose(1, 2).detach().requires_grad_() for t in base.unbind(0))
+        q, k, v = (t[..., :head_dim].transpose(1, 2).detach().requires_grad_() for t in base.unbind(0))
         out = flashgen.attention(q, k, v, causal=True, backward_config=config)
         grad = torch.randn_like(out)
         out.backward(grad)

@@ -25,6 +25,7 @@ GOLDEN_CASES = {
     "sm90-d64-fp16-n64-s2-persistent": ("attn_fwd_sm90", Variant(64, "fp16"), knob_table("attn_fwd_sm90").config(block_n=64, num_stages=2, persistent=True)),
     "sm90-bwd-d128-bf16-causal": ("attn_bwd_sm90", Variant(128, "bf16", causal=True), knob_table("attn_bwd_sm90").default_config()),
     "sm90-fused-bwd-d64-bf16-causal": ("attn_bwd_fused_sm90", Variant(64, "bf16", causal=True), knob_table("attn_bwd_fused_sm90").default_config()),
+    "sm90-fused-tma-bwd-d128-bf16-causal": ("attn_bwd_fused_tma_sm90", Variant(128, "bf16", causal=True), knob_table("attn_bwd_fused_tma_sm90").default_config()),
     "sm90-fused-bwd-d64-fp16-shared-dq": ("attn_bwd_fused_sm90", Variant(64, "fp16"), knob_table("attn_bwd_fused_sm90").config(defer_dq=False, num_stages=2)),
 }  # fmt: skip
 
