@@ -1,8 +1,8 @@
 """Experiment (issue 6, v8; v19 added attn_bwd_fused_tma_sm90): the D=128 backward templates at 1k tokens (B=16,
 H=16, bf16), in one process. For each backward template: the median time per call (flashgen.timing.median_ms), the
 host time per call (20 calls queued before synchronising), and the time and host time through flashgen.attention's
-autograd, which is how `flashgen bench --direction bwd` calls it. A backward whose host time per call exceeds its GPU time leaves the
-GPU idle between calls.
+autograd, which is how `flashgen bench --direction bwd` calls it. A backward whose host time per call exceeds its
+GPU time leaves the GPU idle between calls.
 
     python benchmarks/backward_host_cost.py      # on a Hopper GPU, from the repository root
 """
