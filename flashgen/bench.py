@@ -283,27 +283,19 @@ class OverheadPoint:
 
 
 def _direct_launch(q, k, v, causal: bool) -> Callable[[], torch.Tensor]:
-    """What a hand-written wrapper around flashgen's generated kernel does per call: allocate the outputs,
-    pass strides, launch (the kernel and its config resolved once, beforehand)."""
-    from flashgen.codegen import kernel_module
-    from flashgen.launch import LOG2E, Sm90ForwardLaunch
+    """What a hand-written wrapper around flashgen's generated kernel does per call: allocate the outputs, pass
+    strides (or tensor descriptors), launch through Triton's JIT, ``kernel[grid](...)`` (the kernel, its config and
+    grid resolved once, beforehand)."""
+    from flashgen.launch import forward_launch
 
     why = explain(q, k, v, causal=causal)
-    config, variant = why.forward.config, why.forward.bucket.variant
-    if why.forward.template != FORWARD:  # attn_fwd_sm90: its launch object is the whole wrapper
-        launch = Sm90ForwardLaunch(variant, config, q.shape, k.shape)
-        return lambda: launch(q, k, v, 1.0 / math.sqrt(q.shape[3]))[0]
-    kernel = kernel_module(FORWARD, variant, config).attn_fwd
-    batch, heads, n, _ = q.shape
-    grid = (math.ceil(n / config.block_m), heads, batch)
-    scale = LOG2E / math.sqrt(q.shape[3])
-    extra = [0] if causal else []
+    launch = forward_launch(why.forward.template, why.forward.bucket.variant, why.forward.config, q.shape, k.shape)
+    scale = 1.0 / math.sqrt(q.shape[3])
 
     def call() -> torch.Tensor:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, 1, n, n, scale,
-                     *extra, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+        launch.kernel[launch.grid](*launch.arguments(q, k, v, out, lse, scale, 0.0, 0, 0), **launch.options)
         return out
 
     return call

@@ -18,7 +18,6 @@ import json
 
 import torch
 
-from flashgen.launch import attention_backward
 from flashgen.spec import TileConfig
 
 
@@ -59,9 +58,8 @@ def attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """dq, dk, dv for :func:`attention_forward_op`'s arguments."""
     plan = _plan(q, k, v, causal, causal_alignment, None, config, backward_config, deterministic)
-    choice = plan.backward_choice(_config(backward_config), deterministic)
-    return attention_backward(grad_out, q, k, v, out, lse, variant=plan.variant, config=choice.config,
-                              scale=plan.default_scale if scale is None else scale, causal_offset=plan.offset)  # fmt: skip
+    launch = plan.backward_launch(_config(backward_config), deterministic)
+    return launch(grad_out, q, k, v, out, lse, plan.default_scale if scale is None else scale)
 
 
 @attention_backward_op.register_fake

@@ -9,6 +9,7 @@ import math
 import torch
 
 from flashgen.codegen import BACKWARD, FORWARD, kernel_module
+from flashgen.compiled_launch import CompiledLaunch
 from flashgen.device import import_triton, tensor_descriptor_type
 from flashgen.spec import (
     BACKWARD_FUSED_SM90,
@@ -42,8 +43,21 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 def _descriptor(t: torch.Tensor, rows: int, head_dim_padded: int):
-    """A 4-D tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, head_dim_padded)."""
-    return tensor_descriptor_type()(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim_padded])
+    """A 4-D tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, head_dim_padded) (``t`` checked by
+    :func:`tma_ready`)."""
+    return _unchecked(tensor_descriptor_type(), t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim_padded])
+
+
+def _unchecked(descriptor_type: type, base: torch.Tensor, shape: list, strides: list, block_shape: list, layout=None):
+    """A tensor descriptor (Triton's, or Gluon's with ``layout``) made without its constructor's checks, which cost
+    microseconds a call: every caller has checked ``base`` with :func:`tma_ready` or allocated it, and the boxes
+    are powers of two from validated tile configs."""
+    descriptor = object.__new__(descriptor_type)
+    descriptor.base, descriptor.shape, descriptor.strides, descriptor.block_shape = base, shape, strides, block_shape
+    descriptor.padding = "zero"
+    if layout is not None:
+        descriptor.layout = layout
+    return descriptor
 
 
 def without_tma(config: TileConfig) -> TileConfig:
@@ -61,12 +75,12 @@ class ForwardLaunch:
         heads_kv, n_k = k_shape[1], k_shape[2]
         self.kernel = kernel_module(FORWARD, variant, config).attn_fwd
         self.grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-        self.launcher = self.kernel[self.grid]  # Triton makes this closure on every `kernel[grid]`: once here
+        self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}  # Triton's launch options
+        self.launcher = CompiledLaunch(self.kernel, self.grid, **self.options)
         self.sizes = (heads_q, heads_q // heads_kv, n_q, n_k)
         self.lse_shape = (batch, heads_q, n_q)
         self.variant, self.causal_offset = variant, causal_offset
         self.fixed_scalars = None if variant.dropout else _variant_scalars(variant, causal_offset, 0.0, 0, 0)
-        self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}  # Triton's launch options
         self.tma = uses_tma(config)
         self.block_m, self.block_n = config.block_m, config.block_n
         # Tensors the copy engine cannot address (odd strides, unaligned views) run the same tiles without it.
@@ -86,7 +100,7 @@ class ForwardLaunch:
             if self._plain is None:
                 self._plain = ForwardLaunch(*self._plain_args)
             return self._plain(q, k, v, scale, dropout_p, seed, rng_offset, out=out, lse=lse)
-        self.launcher(*self.arguments(q, k, v, out, lse, scale, dropout_p, seed, rng_offset), **self.options)
+        self.launcher(*self.arguments(q, k, v, out, lse, scale, dropout_p, seed, rng_offset))
         return out, lse
 
     def arguments(self, q, k, v, out, lse, scale, dropout_p, seed, rng_offset) -> list:
@@ -122,9 +136,9 @@ class Sm90ForwardLaunch:
         tiles = math.ceil(n_q / config.block_m) * heads_q * batch
         persistent = config["persistent"] and torch.cuda.is_available()
         self.grid = (min(tiles, _sm_count(torch.cuda.current_device())) if persistent else tiles,)
-        self.launcher = self.kernel[self.grid]
-        self.lse_shape = (batch, heads_q, n_q)
         self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
+        self.launcher = CompiledLaunch(self.kernel, self.grid, **self.options)
+        self.lse_shape = (batch, heads_q, n_q)
         self.scalars = [batch, heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]
         element = {"fp16": gl.float16, "bf16": gl.bfloat16}[variant.dtype]
         # Q and the output move in boxes of one consumer warp group's rows; K and V in boxes of BLOCK_N rows.
@@ -151,14 +165,14 @@ class Sm90ForwardLaunch:
                                      "run other tensors")  # fmt: skip
                 self._fallback = ForwardLaunch(*self._fallback_args)
             return self._fallback(q, k, v, scale, out=out, lse=lse)
-        self.launcher(*self.arguments(q, k, v, out, lse, scale), **self.options)
+        self.launcher(*self.arguments(q, k, v, out, lse, scale))
         return out, lse
 
     def arguments(self, q, k, v, out, lse, scale, dropout_p=0.0, seed=0, rng_offset=0) -> list:
         """The kernel's arguments, in its order (as :meth:`ForwardLaunch.arguments`; no dropout stream)."""
         (q_box, q_layout), (kv_box, kv_layout) = self.descriptor_specs
         make = self.descriptor_type
-        descriptors = [make(t, list(t.shape), list(t.stride()), box, layout)
+        descriptors = [_unchecked(make, t, list(t.shape), list(t.stride()), box, layout)
                        for t, box, layout in ((q, q_box, q_layout), (k, kv_box, kv_layout), (v, kv_box, kv_layout),
                                               (out, q_box, q_layout))]  # fmt: skip
         return [*descriptors, lse, scale * LOG2E, *self.scalars]
@@ -248,7 +262,7 @@ def compile_forward(
     lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
     launch = forward_launch(template, variant, config, q.shape, kv.shape)
     args = launch.arguments(q, kv, kv, q, lse, 1.0, 0.5, 0, 0)
-    return launch.kernel.warmup(*args, grid=launch.grid, **launch.options)
+    return launch.launcher.warmup(*args)
 
 
 def dropout_keep_mask(
@@ -296,48 +310,106 @@ def attention_backward(
     template is a fused one (dQ is then summed in float32 in varying order). The Hopper templates load through TMA:
     calls whose tensors they cannot address run attn_bwd, with the same dK/dV tiles (attn_bwd_sm90) or
     :data:`FUSED_FALLBACK`."""
-    batch, heads_q, n_q, head_dim = q.shape
-    heads_kv, n_k = k.shape[1], k.shape[2]
-    dk = torch.empty((batch, heads_kv, n_k, head_dim), dtype=k.dtype, device=q.device)
-    dv = torch.empty_like(dk)
-    if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
+    launch = backward_launch(variant, config, tuple(q.shape), tuple(k.shape), causal_offset)
+    return launch(grad_out, q, k, v, out, lse, scale, dropout_p, seed, rng_offset)
+
+
+@functools.lru_cache(maxsize=256)  # the tuner and the checks call attention_backward once per timed run
+def backward_launch(variant: Variant, config: TileConfig, q_shape: tuple, k_shape: tuple,
+                    causal_offset: int = 0) -> BackwardLaunch:  # fmt: skip
+    """The backward launch of ``config`` (a config of any backward template) for one call signature."""
     template = backward_template_of(config)
-    if template in (BACKWARD_SM90, *FUSED_SM90):
-        if tma_ready(q, k, v, grad_out) and out.stride(-1) == 1 and not dropout_p:
-            run = _sm90_backward if template == BACKWARD_SM90 else _fused_sm90_backward
-            return run(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset)
-        # attn_bwd_sm90: the same dK/dV tiles, and attn_bwd's dQ kernel
-        config = without_tma(dkdv_config_of(config)) if template == BACKWARD_SM90 else FUSED_FALLBACK
-    module = kernel_module(BACKWARD, variant, config)
-    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)  # lse in log2 units
-    common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, dropout_p, seed, rng_offset)
-    strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
-    inputs, tma = (q, k, v, grad_out), uses_tma(config)
-    if tma and not tma_ready(*inputs):  # the same tiles through plain loads
-        config, tma = without_tma(config), False
+    if template == BACKWARD_SM90:
+        return Sm90BackwardLaunch(variant, config, q_shape, k_shape, causal_offset)
+    if template in FUSED_SM90:
+        return FusedBackwardLaunch(variant, config, q_shape, k_shape, causal_offset)
+    return BackwardLaunch(variant, config, q_shape, k_shape, causal_offset)
+
+
+class BackwardLaunch:
+    """attn_bwd's kernels for one config, bound to one call signature: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D).
+    Made once per signature (kernel lookup, grids, scalars), then called per call with
+    ``(grad_out, q, k, v, out, lse, scale, dropout_p, seed, rng_offset)``: it allocates the gradients and its row
+    buffers, builds descriptors and launches (:class:`~flashgen.compiled_launch.CompiledLaunch`). Returns dq, dk,
+    dv as :func:`attention_backward` does. The Hopper templates' launches (subclasses) run ``fallback_config`` of
+    attn_bwd where TMA cannot address the tensors."""
+
+    def __init__(self, variant: Variant, config: TileConfig, q_shape, k_shape, causal_offset: int = 0) -> None:
+        batch, heads_q, n_q, head_dim = q_shape
+        heads_kv, n_k = k_shape[1], k_shape[2]
+        self.variant, self.config, self.causal_offset = variant, config, causal_offset
+        self.q_shape, self.kv_shape = (batch, heads_q, n_q, head_dim), (batch, heads_kv, n_k, head_dim)
+        self.rows_shape = (batch, heads_q, n_q)
+        self.empty = not (batch * heads_q * n_q * head_dim and batch * heads_kv * n_k)
+        self.sizes = (heads_q, heads_q // heads_kv, n_q, n_k)
+        self._fallback: BackwardLaunch | None = None
+        if backward_template_of(config) != BACKWARD:
+            return
+        self.tma, self.atomic = uses_tma(config), config["atomic_dq"]
+        if self.tma:  # tensors the copy engine cannot address run the same tiles through plain loads
+            self.fallback_config = without_tma(config)
         module = kernel_module(BACKWARD, variant, config)
-    key_blocks = (math.ceil(n_k / config.block_n), heads_kv, batch)
-    key_block_inputs = _backward_inputs(tma, inputs, config.block_m, config.block_n, variant.head_dim_padded)
-    if config["atomic_dq"]:
-        module.attn_bwd_preprocess[(math.ceil(n_q / config.block_m), heads_q, batch)](
-            out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), heads_q, n_q, **launch
-        )
-        dq_acc = torch.zeros((batch, heads_q, n_q, head_dim), dtype=torch.float32, device=q.device)
-        module.attn_bwd_dkdv[key_blocks](
-            *key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(), *common, **launch
-        )
-        return dq_acc.to(q.dtype), dk, dv
-    # The dQ kernel first: it writes delta and lse2, which the dK/dV kernel reads.
-    dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    query_blocks = (math.ceil(n_q / config.block_n), heads_q, batch)  # the dQ kernel's tiles are swapped
-    query_block_inputs = _backward_inputs(tma, inputs, config.block_n, config.block_m, variant.head_dim_padded)
-    module.attn_bwd_dq[query_blocks](*query_block_inputs, dq, out, lse, lse2, delta, *strides, *dq.stride(),
-                                     *out.stride(), *common, **launch)  # fmt: skip
-    module.attn_bwd_dkdv[key_blocks](*key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, **launch)
-    return dq, dk, dv
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        block_m, block_n = config.block_m, config.block_n
+        self.dkdv = CompiledLaunch(module.attn_bwd_dkdv, (math.ceil(n_k / block_n), heads_kv, batch), **options)
+        self.key_rows, self.query_rows = (block_m, block_n), (block_n, block_m)  # (q and dO, k and v) box rows
+        if self.atomic:  # a rows kernel (delta, lse2), then dK, dV and dQ's atomic float32 adds in one kernel
+            rows_grid = (math.ceil(n_q / block_m), heads_q, batch)
+            self.rows = CompiledLaunch(module.attn_bwd_preprocess, rows_grid, **options)
+        else:  # the dQ kernel first: it writes delta and lse2, which the dK/dV kernel reads (its tiles are swapped)
+            self.dq = CompiledLaunch(module.attn_bwd_dq, (math.ceil(n_q / block_n), heads_q, batch), **options)
+
+    def __call__(self, grad_out, q, k, v, out, lse, scale: float, dropout_p: float = 0.0, seed: int = 0,
+                 rng_offset: int = 0, *, compile_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``compile_only``: compile every kernel the call would launch, launch none (the results are then
+        uninitialised)."""
+        if self.empty:
+            dk = torch.zeros(self.kv_shape, dtype=k.dtype, device=q.device)
+            return torch.zeros(self.q_shape, dtype=q.dtype, device=q.device), dk, torch.zeros_like(dk)
+        if not self._addressable(grad_out, q, k, v, out, dropout_p):
+            if self._fallback is None:
+                self._fallback = BackwardLaunch(self.variant, self.fallback_config, self.q_shape, self.kv_shape,
+                                                self.causal_offset)  # fmt: skip
+            return self._fallback(grad_out, q, k, v, out, lse, scale, dropout_p, seed, rng_offset,
+                                  compile_only=compile_only)  # fmt: skip
+        dk = torch.empty(self.kv_shape, dtype=k.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        launch = _compile if compile_only else _run
+        return self._launch(launch, grad_out, q, k, v, out, lse, dk, dv, scale, dropout_p, seed, rng_offset)
+
+    def _addressable(self, grad_out, q, k, v, out, dropout_p) -> bool:
+        """Whether this launch's kernels can run the call (else the fallback config's do)."""
+        return not self.tma or tma_ready(q, k, v, grad_out)
+
+    def _launch(self, launch, grad_out, q, k, v, out, lse, dk, dv, scale, dropout_p, seed, rng_offset) -> tuple:
+        variant = self.variant
+        delta = torch.empty(self.rows_shape, dtype=torch.float32, device=q.device)
+        lse2 = torch.empty_like(delta)  # lse in log2 units
+        common = [*self.sizes, scale * LOG2E, scale,
+                  *_variant_scalars(variant, self.causal_offset, dropout_p, seed, rng_offset)]  # fmt: skip
+        strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
+        inputs, d = (q, k, v, grad_out), variant.head_dim_padded
+        key_block_inputs = _backward_inputs(self.tma, inputs, *self.key_rows, d)
+        if self.atomic:
+            launch(self.rows, out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), self.sizes[0],
+                   self.sizes[2])  # fmt: skip
+            dq_acc = torch.zeros(self.q_shape, dtype=torch.float32, device=q.device)
+            launch(self.dkdv, *key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), dq_acc, *dq_acc.stride(),
+                   *common)  # fmt: skip
+            return dq_acc.to(q.dtype), dk, dv
+        dq = torch.empty(self.q_shape, dtype=q.dtype, device=q.device)
+        query_block_inputs = _backward_inputs(self.tma, inputs, *self.query_rows, d)
+        launch(self.dq, *query_block_inputs, dq, out, lse, lse2, delta, *strides, *dq.stride(), *out.stride(), *common)
+        launch(self.dkdv, *key_block_inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common)
+        return dq, dk, dv
+
+
+def _run(launch: CompiledLaunch, *args) -> None:
+    launch(*args)
+
+
+def _compile(launch: CompiledLaunch, *args) -> None:
+    launch.warmup(*args)
 
 
 @functools.cache  # on every attn_bwd_sm90 backward call: the config's validation runs once
@@ -347,35 +419,55 @@ def dkdv_config_of(config: TileConfig) -> TileConfig:
     return knob_table(BACKWARD).config(**core, tma=True, atomic_dq=False)
 
 
-def _sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset) -> tuple:
-    """attn_bwd_sm90: its Gluon dQ kernel (which writes delta and lse2), then attn_bwd's dK/dV kernel."""
-    batch, heads_q, n_q, head_dim = q.shape
-    heads_kv, n_k = k.shape[1], k.shape[2]
-    dq = torch.empty((batch, heads_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    delta = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)
-    sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale, causal_offset)
-    dkdv = dkdv_config_of(config)
-    common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, scale, causal_offset, 0.0, 0, 0)
-    strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
-    inputs = _backward_inputs(True, (q, k, v, grad_out), dkdv.block_m, dkdv.block_n, variant.head_dim_padded)
-    kernel_module(BACKWARD, variant, dkdv).attn_bwd_dkdv[(math.ceil(n_k / dkdv.block_n), heads_kv, batch)](
-        *inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common, num_warps=dkdv.num_warps,
-        num_stages=dkdv.num_stages)
-    return dq, dk, dv
+class _HopperBackwardLaunch(BackwardLaunch):
+    """A Hopper template's launch: its kernels load through TMA and have no dropout path."""
+
+    def _addressable(self, grad_out, q, k, v, out, dropout_p) -> bool:
+        return not dropout_p and out.stride(-1) == 1 and tma_ready(q, k, v, grad_out)
+
+
+class Sm90BackwardLaunch(_HopperBackwardLaunch):
+    """attn_bwd_sm90: its Gluon dQ kernel (which writes delta and lse2), then attn_bwd's dK/dV kernel through TMA;
+    elsewhere the same dK/dV tiles and attn_bwd's dQ kernel."""
+
+    def __init__(self, variant: Variant, config: TileConfig, q_shape, k_shape, causal_offset: int = 0) -> None:
+        super().__init__(variant, config, q_shape, k_shape, causal_offset)
+        batch, heads_kv, n_k = q_shape[0], k_shape[1], k_shape[2]
+        dkdv = dkdv_config_of(config)
+        self.fallback_config = without_tma(dkdv)
+        self.dq = CompiledLaunch(kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq,
+                                 (_sm90_dq_programs(q_shape),), num_warps=4)  # fmt: skip
+        self.dkdv = CompiledLaunch(kernel_module(BACKWARD, variant, dkdv).attn_bwd_dkdv,
+                                   (math.ceil(n_k / dkdv.block_n), heads_kv, batch), num_warps=dkdv.num_warps,
+                                   num_stages=dkdv.num_stages)  # fmt: skip
+        self.key_rows = (dkdv.block_m, dkdv.block_n)
+        self.dq_rows = config["dq_block_n"]  # the dQ kernel's K and V boxes: one key block
+
+    def _launch(self, launch, grad_out, q, k, v, out, lse, dk, dv, scale, dropout_p, seed, rng_offset) -> tuple:
+        dq = torch.empty(self.q_shape, dtype=q.dtype, device=q.device)
+        delta = torch.empty(self.rows_shape, dtype=torch.float32, device=q.device)
+        lse2 = torch.empty_like(delta)
+        self.launch_dq(launch, grad_out, q, k, v, out, lse, dq, lse2, delta, scale)
+        common = [*self.sizes, scale * LOG2E, scale, *_variant_scalars(self.variant, self.causal_offset, 0.0, 0, 0)]
+        strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
+        inputs = _backward_inputs(True, (q, k, v, grad_out), *self.key_rows, self.variant.head_dim_padded)
+        launch(self.dkdv, *inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common)
+        return dq, dk, dv
+
+    def launch_dq(self, launch, grad_out, q, k, v, out, lse, dq, lse2, delta, scale) -> None:
+        """The dQ kernel alone: writes dq (contiguous) and each row's delta and lse2 (float32, contiguous)."""
+        variant = self.variant
+        q_desc, do_desc, dq_desc = (_gluon_descriptor(t, GROUP_ROWS, variant) for t in (q, grad_out, dq))
+        k_desc, v_desc = (_gluon_descriptor(t, self.dq_rows, variant) for t in (k, v))
+        launch(self.dq, q_desc, k_desc, v_desc, do_desc, dq_desc, out, lse, lse2, delta, *out.stride()[:3],
+               scale * LOG2E, scale, *self.sizes, *([self.causal_offset] if variant.causal else []))  # fmt: skip
 
 
 def sm90_dq(grad_out, q, k, v, out, lse, dq, lse2, delta, variant, config, scale, causal_offset) -> None:
     """attn_bwd_sm90's dQ kernel alone: writes dq (B, Hq, Nq, D, contiguous) and each row's delta and lse2
     (float32 (B, Hq, Nq), contiguous). The tensors must be addressable by TMA; out needs a unit last stride."""
-    batch, heads_q, n_q, _ = q.shape
-    heads_kv, n_k = k.shape[1], k.shape[2]
-    rows, keys = GROUP_ROWS, config["dq_block_n"]  # the boxes: one consumer group's rows, one key block
-    q_desc, do_desc, dq_desc = (_gluon_descriptor(t, rows, variant) for t in (q, grad_out, dq))
-    k_desc, v_desc = (_gluon_descriptor(t, keys, variant) for t in (k, v))
-    kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq[(_sm90_dq_programs(q.shape),)](
-        q_desc, k_desc, v_desc, do_desc, dq_desc, out, lse, lse2, delta, *out.stride()[:3], scale * LOG2E, scale,
-        heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else []), num_warps=4)
+    launch = backward_launch(variant, config, tuple(q.shape), tuple(k.shape), causal_offset)
+    launch.launch_dq(_run, grad_out, q, k, v, out, lse, dq, lse2, delta, scale)
 
 
 # The fused templates: one Gluon kernel after a rows kernel, dQ summed in float32 (attn_bwd_fused_sm90 with atomic
@@ -386,53 +478,53 @@ FUSED_SM90 = (BACKWARD_FUSED_SM90, BACKWARD_FUSED_TMA_SM90)
 FUSED_FALLBACK = knob_table(BACKWARD).config(atomic_dq=True)
 
 
-def _fused_sm90_backward(grad_out, q, k, v, out, lse, dk, dv, variant, config, scale, causal_offset) -> tuple:
+class FusedBackwardLaunch(_HopperBackwardLaunch):
     """A fused template's config: its rows kernel (delta, lse2, dQ zeroed), then its fused kernel, which adds dQ in
-    float32; dQ is then cast to q's dtype."""
-    dq, rows = _fused_buffers(q, config)
-    for kernel, grid, args in _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale,
-                                              causal_offset):  # fmt: skip
-        kernel[grid](*args, num_warps=config.num_warps)
-    return dq.to(q.dtype), dk, dv
+    float32; dQ is then cast to q's dtype. Elsewhere :data:`FUSED_FALLBACK`."""
 
+    def __init__(self, variant: Variant, config: TileConfig, q_shape, k_shape, causal_offset: int = 0) -> None:
+        super().__init__(variant, config, q_shape, k_shape, causal_offset)
+        batch, heads_q, n_q, head_dim = q_shape
+        heads_kv, n_k = k_shape[1], k_shape[2]
+        template = backward_template_of(config)
+        module = kernel_module(template, variant, config)
+        self.fallback_config = FUSED_FALLBACK
+        # lse2 and delta, (2, B * Hq * row_stride): rows padded to whole steps, so a step's rows load as one box
+        self.row_stride = math.ceil(n_q / config.block_m) * config.block_m
+        self.rows = CompiledLaunch(module.attn_bwd_rows, (self.row_stride // config.block_m, heads_q, batch),
+                                   num_warps=config.num_warps)  # fmt: skip
+        self.fused = CompiledLaunch(module.attn_bwd_fused, (math.ceil(n_k / config.block_n), heads_kv, batch),
+                                    num_warps=config.num_warps)  # fmt: skip
+        self.query_rows, self.keys = config.block_m, config.block_n // 2  # boxes: a step's rows, a consumer's keys
+        self.row_layout = _row_layout()
+        # attn_bwd_fused_tma_sm90 adds dQ through a descriptor, each consumer group half its columns
+        tma_dq = template == BACKWARD_FUSED_TMA_SM90
+        self.dq_box = _gluon_box("fp32", self.query_rows, head_dim // 2) if tma_dq else None
 
-def _fused_buffers(q: torch.Tensor, config: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fused template's float32 buffers (its rows kernel fills them): dQ, shaped like q and contiguous; and
-    lse2 and delta, (2, B * Hq * row_stride), row_stride = Nq rounded up to block_m (a step's rows load as one TMA
-    box)."""
-    batch, heads_q, n_q, _ = q.shape
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    row_stride = math.ceil(n_q / config.block_m) * config.block_m
-    return dq, torch.empty((2, batch * heads_q * row_stride), dtype=torch.float32, device=q.device)
-
-
-def _fused_launches(grad_out, q, k, v, out, lse, dq, rows, dk, dv, variant, config, scale, causal_offset) -> list:
-    """A fused template's two launches, in order, as (kernel, grid, arguments); dq and rows from
-    :func:`_fused_buffers`."""
-    batch, heads_q, n_q, _ = q.shape
-    heads_kv, n_k = k.shape[1], k.shape[2]
-    template = backward_template_of(config)
-    module = kernel_module(template, variant, config)
-    row_stride = rows.shape[1] // (batch * heads_q)
-    rows_args = [out, grad_out, lse, rows[0], rows[1], dq, *out.stride()[:3], *grad_out.stride()[:3], heads_q, n_q,
-                 row_stride]  # fmt: skip
-    query_rows, keys = config.block_m, config.block_n // 2  # the boxes: one step's rows, one consumer group's keys
-    boxes = ((q, query_rows), (k, keys), (v, keys), (grad_out, query_rows), (dk, keys), (dv, keys))
-    descriptors = [_gluon_descriptor(t, r, variant) for t, r in boxes]
-    descriptor_type, layout = _row_layout()
-    row_descriptors = [descriptor_type(r, [r.numel()], [1], [query_rows], layout) for r in (rows[0], rows[1])]
-    if template == BACKWARD_FUSED_TMA_SM90:  # dQ through a descriptor: each consumer group adds half its columns
-        descriptor_type, box, layout = _gluon_box("fp32", query_rows, variant.head_dim // 2)
-        dq = descriptor_type(dq, list(dq.shape), list(dq.stride()), box, layout)
-    fused_args = [*descriptors, *row_descriptors, dq, scale * LOG2E, scale, heads_q, heads_q // heads_kv, n_q, n_k,
-                  row_stride, *([causal_offset] if variant.causal else [])]  # fmt: skip
-    return [(module.attn_bwd_rows, (row_stride // config.block_m, heads_q, batch), rows_args),
-            (module.attn_bwd_fused, (math.ceil(n_k / config.block_n), heads_kv, batch), fused_args)]
+    def _launch(self, launch, grad_out, q, k, v, out, lse, dk, dv, scale, dropout_p, seed, rng_offset) -> tuple:
+        heads_q, _, n_q, n_k = self.sizes
+        dq = torch.empty(self.q_shape, dtype=torch.float32, device=q.device)
+        rows = torch.empty((2, self.q_shape[0] * heads_q * self.row_stride), dtype=torch.float32, device=q.device)
+        launch(self.rows, out, grad_out, lse, rows[0], rows[1], dq, *out.stride()[:3], *grad_out.stride()[:3], heads_q,
+               n_q, self.row_stride)  # fmt: skip
+        query_rows, keys, variant = self.query_rows, self.keys, self.variant
+        boxes = ((q, query_rows), (k, keys), (v, keys), (grad_out, query_rows), (dk, keys), (dv, keys))
+        descriptors = [_gluon_descriptor(t, r, variant) for t, r in boxes]
+        descriptor_type, layout = self.row_layout
+        shape = [rows.shape[1]]
+        row_descriptors = [_unchecked(descriptor_type, r, shape, [1], [query_rows], layout) for r in (rows[0], rows[1])]
+        dq_arg = dq
+        if self.dq_box is not None:
+            descriptor_type, box, layout = self.dq_box
+            dq_arg = _unchecked(descriptor_type, dq, list(self.q_shape), list(dq.stride()), box, layout)
+        launch(self.fused, *descriptors, *row_descriptors, dq_arg, scale * LOG2E, scale, *self.sizes, self.row_stride,
+               *([self.causal_offset] if variant.causal else []))  # fmt: skip
+        return dq.to(q.dtype), dk, dv
 
 
 @functools.cache
 def _row_layout() -> tuple:
-    """Gluon's descriptor type and the shared layout of a 1-D float32 box (attn_bwd_fused_sm90's rows)."""
+    """Gluon's descriptor type and the shared layout of a 1-D float32 box (the fused templates' rows)."""
     import_triton()
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -447,9 +539,10 @@ def _sm90_dq_programs(q_shape) -> int:
 
 
 def _gluon_descriptor(t: torch.Tensor, rows: int, variant: Variant):
-    """A Gluon tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, D), in an NVMMA shared layout."""
+    """A Gluon tensor descriptor over ``t`` (B, H, N, D) whose box is (1, 1, rows, D), in an NVMMA shared layout
+    (``t`` checked by :func:`tma_ready`)."""
     descriptor_type, box, layout = _gluon_box(variant.dtype, rows, t.shape[-1])
-    return descriptor_type(t, list(t.shape), list(t.stride()), box, layout)
+    return _unchecked(descriptor_type, t, list(t.shape), list(t.stride()), box, layout)
 
 
 @functools.cache
@@ -493,43 +586,6 @@ def compile_backward(
     dtype = TORCH_DTYPES[variant.dtype]
     q = torch.empty((batch, heads_q, n_q, variant.head_dim), dtype=dtype, device=device)
     kv = torch.empty((batch, heads_kv, n_k, variant.head_dim), dtype=dtype, device=device)
-    rows = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
-    template = backward_template_of(config)
-    if template in FUSED_SM90:
-        dq, fused_rows = _fused_buffers(q, config)
-        for kernel, grid, args in _fused_launches(q, q, kv, kv, q, rows, dq, fused_rows, kv, kv, variant, config, 1.0,
-                                                  0):  # fmt: skip
-            kernel.warmup(*args, grid=grid, num_warps=config.num_warps)
-        return
-    sm90 = template == BACKWARD_SM90
-    if sm90:
-        group, keys = GROUP_ROWS, config["dq_block_n"]  # (rows: the float32 row buffers above)
-        descriptors = [_gluon_descriptor(t, r, variant) for t, r in ((q, group), (kv, keys), (kv, keys), (q, group),
-                                                                      (q, group))]  # fmt: skip
-        kernel_module(BACKWARD_SM90, variant, config).attn_bwd_dq.warmup(
-            *descriptors, q, rows, rows, rows, *q.stride()[:3], 1.0, 1.0, heads_q, heads_q // heads_kv, n_q, n_k,
-            *([0] if variant.causal else []), grid=(_sm90_dq_programs(q.shape),), num_warps=4)
-        config = dkdv_config_of(config)  # and its dK/dV kernel, below
-    module = kernel_module(BACKWARD, variant, config)
-    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    common = _backward_scalars(variant, heads_q, heads_kv, n_q, n_k, 1.0, 0, 0.5, 0, 0)
-    strides = [*q.stride(), *kv.stride(), *kv.stride(), *q.stride()]
-    key_grid = (math.ceil(n_k / config.block_n), heads_kv, batch)
-    d, tma = variant.head_dim_padded, uses_tma(config)
-    key_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_m, config.block_n, d)
-    if config["atomic_dq"]:
-        row_grid = (math.ceil(n_q / config.block_m), heads_q, batch)
-        module.attn_bwd_preprocess.warmup(q, q, rows, rows, rows, *q.stride(), *q.stride(), heads_q, n_q,
-                                          grid=row_grid, **launch)  # fmt: skip
-        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=device)
-        module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), dq_acc,
-                                    *dq_acc.stride(), *common, grid=key_grid, **launch)  # fmt: skip
-        return
-    module.attn_bwd_dkdv.warmup(*key_block_inputs, kv, kv, rows, rows, *strides, *kv.stride(), *common, grid=key_grid,
-                                **launch)  # fmt: skip
-    if sm90:
-        return  # its dQ kernel is the Gluon one, compiled above
-    query_grid = (math.ceil(n_q / config.block_n), heads_q, batch)
-    query_block_inputs = _backward_inputs(tma, (q, kv, kv, q), config.block_n, config.block_m, d)
-    module.attn_bwd_dq.warmup(*query_block_inputs, q, q, rows, rows, rows, *strides, *q.stride(), *q.stride(), *common,
-                              grid=query_grid, **launch)  # fmt: skip
+    lse = torch.empty((batch, heads_q, n_q), dtype=torch.float32, device=device)
+    launch = backward_launch(variant, config, tuple(q.shape), tuple(kv.shape))
+    launch(q, q, kv, kv, q, lse, 1.0, 0.5 if variant.dropout else 0.0, compile_only=True)

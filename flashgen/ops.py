@@ -17,7 +17,7 @@ from flashgen import dispatch
 from flashgen.codegen import FORWARD
 from flashgen.device import DeviceInfo, device_info, interpreter_active
 from flashgen.dispatch import Choice, backward_choice, choose, env_flag, forward_choice, warn_once
-from flashgen.launch import ForwardLaunch, Sm90ForwardLaunch, attention_backward, forward_launch
+from flashgen.launch import BackwardLaunch, ForwardLaunch, Sm90ForwardLaunch, backward_launch, forward_launch
 from flashgen.shapes import ShapeBucket
 from flashgen.spec import (
     BACKWARD,
@@ -133,16 +133,19 @@ class Plan:
     offset: int = 0
     default_scale: float = 1.0
     launch: ForwardLaunch | Sm90ForwardLaunch | None = None
-    # The backward's choice, made on the first backward call (the signature fixes all it depends on but
+    q_shape: tuple = ()
+    k_shape: tuple = ()
+    # The backward's launch, made on the first backward call (the signature fixes all it depends on but
     # ``deterministic``, the key).
-    backward: dict[bool, Choice] = field(default_factory=dict, compare=False)
+    backward: dict[bool, BackwardLaunch] = field(default_factory=dict, compare=False)
 
-    def backward_choice(self, backward_config: TileConfig | None, deterministic: bool) -> Choice:
-        choice = self.backward.get(deterministic)
-        if choice is None:
+    def backward_launch(self, backward_config: TileConfig | None, deterministic: bool) -> BackwardLaunch:
+        launch = self.backward.get(deterministic)
+        if launch is None:
             choice = backward_choice(self.bucket, self.device, backward_config, deterministic=deterministic)
-            self.backward[deterministic] = choice
-        return choice
+            launch = backward_launch(self.variant, choice.config, self.q_shape, self.k_shape, self.offset)
+            self.backward[deterministic] = launch
+        return launch
 
 
 _plans: dict[tuple, Plan] = {}
@@ -181,7 +184,8 @@ def _plan(q, k, v, attn_mask, causal, causal_alignment, dropout_p, scale, config
     fallback = choose(FORWARD, bucket, device).config if forward.template == FORWARD_SM90 else None
     launch = forward_launch(forward.template, variant, forward.config, q.shape, k.shape, offset, fallback)
     return Plan("kernel", variant=variant, bucket=bucket, device=device, forward=forward, offset=offset,
-                default_scale=1.0 / math.sqrt(head_dim), launch=launch)  # fmt: skip
+                default_scale=1.0 / math.sqrt(head_dim), launch=launch, q_shape=tuple(q.shape),
+                k_shape=tuple(k.shape))  # fmt: skip
 
 
 def _signature(q, k, v, attn_mask, causal, causal_alignment, dropout_p, config, backward_config) -> tuple:
@@ -238,11 +242,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         plan, backward_config, deterministic, scale, dropout_p, seed = ctx.params
-        choice = plan.backward_choice(backward_config, deterministic)
-        dq, dk, dv = attention_backward(
-            grad_out, q, k, v, out, lse, variant=plan.variant, config=choice.config, scale=scale,
-            causal_offset=plan.offset, dropout_p=dropout_p, seed=seed,
-        )  # fmt: skip
+        dq, dk, dv = plan.backward_launch(backward_config, deterministic)(grad_out, q, k, v, out, lse, scale, dropout_p,
+                                                                          seed)  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -19,6 +19,7 @@ from flashgen.checks import Case, run_case
 from flashgen.codegen import render, template_digest
 from flashgen.device import DeviceInfo
 from flashgen.entries import TunedEntry
+from flashgen.compiled_launch import CompiledLaunch
 from flashgen.launch import Sm90ForwardLaunch
 from flashgen.reference import reference_attention, relative_error, tolerance
 from flashgen.shapes import ShapeBucket
@@ -265,7 +266,7 @@ def test_a_program_runs_tile_after_tile(programs, config, n_q, n_k, causal_offse
     q = torch.randn(2, 4, n_q, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 2, 2, n_k, 64, device="cuda", dtype=torch.bfloat16)
     launch = Sm90ForwardLaunch(variant, config, q.shape, k.shape, causal_offset or 0)
-    launch.launcher = launch.kernel[(programs,)]
+    launch.launcher = CompiledLaunch(launch.kernel, (programs,), **launch.options)
     out = torch.full_like(q, float("nan"))
     out, lse = launch(q, k, v, 0.125, out=out)
     ref, ref_lse = reference_attention(q, k, v, scale=0.125, causal_offset=causal_offset)
