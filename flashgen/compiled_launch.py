@@ -16,6 +16,8 @@ interpreter, or while a launch hook is installed (a profiler then sees them as u
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flashgen.device import import_triton, interpreter_active
@@ -27,6 +29,12 @@ def _current_stream(device: int) -> int:
     """The raw handle of ``device``'s current CUDA stream (what Triton's JIT launches on)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's driver calls; a Stream object is slower
     return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.cache
+def _runtime_knobs():
+    """Triton's runtime settings (``triton.knobs.runtime``), where its launch hooks are installed."""
+    return import_triton().knobs.runtime
 
 
 def _hooked(hook) -> bool:
@@ -66,10 +74,9 @@ class CompiledLaunch:
         self._direct: bool | None = None  # decided at the first launch (not in the interpreter; all parameters passed)
 
     def __call__(self, *args) -> None:
-        triton = import_triton()
         if self._direct is None:
             self._direct = not interpreter_active() and len(args) == len(self.kernel.params)
-        runtime = triton.knobs.runtime
+        runtime = _runtime_knobs()
         if not self._direct or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             self.kernel[self.grid](*args, **self.options)
             return

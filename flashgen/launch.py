@@ -342,6 +342,7 @@ class BackwardLaunch:
         self.rows_shape = (batch, heads_q, n_q)
         self.empty = not (batch * heads_q * n_q * head_dim and batch * heads_kv * n_k)
         self.sizes = (heads_q, heads_q // heads_kv, n_q, n_k)
+        self.dims = (heads_q, heads_kv, n_q, n_k)  # as _backward_scalars takes them
         self._fallback: BackwardLaunch | None = None
         if backward_template_of(config) != BACKWARD:
             return
@@ -385,8 +386,7 @@ class BackwardLaunch:
         variant = self.variant
         delta = torch.empty(self.rows_shape, dtype=torch.float32, device=q.device)
         lse2 = torch.empty_like(delta)  # lse in log2 units
-        common = [*self.sizes, scale * LOG2E, scale,
-                  *_variant_scalars(variant, self.causal_offset, dropout_p, seed, rng_offset)]  # fmt: skip
+        common = _backward_scalars(variant, *self.dims, scale, self.causal_offset, dropout_p, seed, rng_offset)
         strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
         inputs, d = (q, k, v, grad_out), variant.head_dim_padded
         key_block_inputs = _backward_inputs(self.tma, inputs, *self.key_rows, d)
@@ -448,7 +448,7 @@ class Sm90BackwardLaunch(_HopperBackwardLaunch):
         delta = torch.empty(self.rows_shape, dtype=torch.float32, device=q.device)
         lse2 = torch.empty_like(delta)
         self.launch_dq(launch, grad_out, q, k, v, out, lse, dq, lse2, delta, scale)
-        common = [*self.sizes, scale * LOG2E, scale, *_variant_scalars(self.variant, self.causal_offset, 0.0, 0, 0)]
+        common = _backward_scalars(self.variant, *self.dims, scale, self.causal_offset, 0.0, 0, 0)
         strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
         inputs = _backward_inputs(True, (q, k, v, grad_out), *self.key_rows, self.variant.head_dim_padded)
         launch(self.dkdv, *inputs, dk, dv, lse2, delta, *strides, *dk.stride(), *common)
