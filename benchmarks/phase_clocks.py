@@ -14,6 +14,10 @@ and last of each program left out), in SM clocks:
 - phaseC01: consumer 1's clock minus consumer 0's when each has S_j back for the tile's middle block (both
   read the same SM's clock).
 
+It places the reads by the lines of the template as of v20, whose key loop was written out in the consumer; since
+v21 a trip is a function of its own (``_trip``), and the tool stops with a message naming the reads it could not
+place. Run it on a checkout of v20 (commit 8bd9e55) until it is brought up to date.
+
 The reads cost a few percent (``tflops_clocked`` against ``tflops``, the uninstrumented kernel). The output is
 checked against SDPA in float32 before anything is timed. Results also go to ``$OUT/phase_clocks.jsonl``
 (or the working directory).

@@ -153,12 +153,13 @@ def _compile_gluon_forward(variant: Variant, config):
     q_desc = f"tensordesc<{variant.dtype}[{', '.join(map(str, q_box))}],{q_layout!r}>"
     kv_desc = f"tensordesc<{variant.dtype}[{', '.join(map(str, kv_box))}],{kv_layout!r}>"
     signature = {"q_desc": q_desc, "k_desc": kv_desc, "v_desc": kv_desc, "o_desc": q_desc, "Lse": "*fp32",
-                 "qk_scale": "fp32", "B": "i32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32", "N_K": "i32"}
+                 "Tickets": "*i32", "qk_scale": "fp32", "B": "i32", "H_Q": "i32", "GROUP_SIZE": "i32", "N_Q": "i32",
+                 "N_K": "i32"}
     if variant.causal:
         signature["causal_offset"] = "i32"
     assert list(signature) == launch.kernel.arg_names, f"the kernel's arguments changed: {launch.kernel.arg_names}"
     names = list(signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("Lse", "N_Q", "N_K")}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("Lse", "Tickets", "N_Q", "N_K")}
     source = GluonASTSource(launch.kernel, signature, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 

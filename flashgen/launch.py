@@ -145,6 +145,7 @@ class Sm90ForwardLaunch:
         boxes = ([1, 1, GROUP_ROWS, head_dim], [1, 1, config.block_n, head_dim])
         self.descriptor_specs = [(box, gl.NVMMASharedLayout.get_default_for(box, element)) for box in boxes]
         self.descriptor_type = TensorDescriptor
+        self._tickets: dict[tuple[int, int], torch.Tensor] = {}
         self._fallback = None
         self._fallback_args = (variant, fallback_config, q_shape, k_shape, causal_offset)
 
@@ -175,7 +176,17 @@ class Sm90ForwardLaunch:
         descriptors = [_unchecked(make, t, list(t.shape), list(t.stride()), box, layout)
                        for t, box, layout in ((q, q_box, q_layout), (k, kv_box, kv_layout), (v, kv_box, kv_layout),
                                               (out, q_box, q_layout))]  # fmt: skip
-        return [*descriptors, lse, scale * LOG2E, *self.scalars]
+        return [*descriptors, lse, self.tickets(q.device), scale * LOG2E, *self.scalars]
+
+    def tickets(self, device: torch.device) -> torch.Tensor:
+        """The kernel's tile counter on ``device`` for the current stream: int32[2], zeroed once; each launch leaves
+        it zero again. Launches on one stream run in turn, so they can share it; other streams get their own."""
+        key = (device.index if device.index is not None else torch.cuda.current_device(),
+               torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+        tickets = self._tickets.get(key)
+        if tickets is None:
+            tickets = self._tickets[key] = torch.zeros(2, dtype=torch.int32, device=device)
+        return tickets
 
 
 @functools.cache
