@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.cpu_interpreter
-def test_the_runtime_path_does_not_import_optuna_or_sqlalchemy():
+def test_the_runtime_path_does_not_import_optuna_or_sqlalchemy(tmp_path):
+    # A user who never tuned: no database file (the default one may exist on a developer's machine).
     code = (
         "import sys, torch, flashgen\n"
         "q = torch.randn(1, 1, 16, 16, dtype=torch.float16)\n"
@@ -17,7 +18,8 @@ def test_the_runtime_path_does_not_import_optuna_or_sqlalchemy():
         "print(sorted(m for m in ('optuna', 'sqlalchemy', 'flashgen.tuner', 'flashgen.db') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "TRITON_INTERPRET": "1"})  # fmt: skip
+                            env={**__import__("os").environ, "TRITON_INTERPRET": "1",
+                                 "FLASHGEN_DB": f"sqlite:///{tmp_path / 'never-tuned.sqlite3'}"})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
