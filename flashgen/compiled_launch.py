@@ -25,7 +25,7 @@ from flashgen.device import import_triton, interpreter_active
 _MAX_SPECIALISATIONS = 64  # compiled kernels one launch remembers; past that it starts over
 
 
-def _current_stream(device: int) -> int:
+def current_stream_handle(device: int) -> int:
     """The raw handle of ``device``'s current CUDA stream (what Triton's JIT launches on)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's driver calls; a Stream object is slower
     return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
@@ -91,7 +91,7 @@ class CompiledLaunch:
                 self._compiled[key] = compiled
             return
         grid_0, grid_1, grid_2 = self.grid
-        compiled.run(grid_0, grid_1, grid_2, _current_stream(device), compiled.function, compiled.packed_metadata,
+        compiled.run(grid_0, grid_1, grid_2, current_stream_handle(device), compiled.function, compiled.packed_metadata,
                      None, None, None, *args)  # fmt: skip
 
     def warmup(self, *args):

@@ -9,7 +9,7 @@ import math
 import torch
 
 from flashgen.codegen import BACKWARD, FORWARD, kernel_module
-from flashgen.compiled_launch import CompiledLaunch
+from flashgen.compiled_launch import CompiledLaunch, current_stream_handle
 from flashgen.device import import_triton, tensor_descriptor_type
 from flashgen.spec import (
     BACKWARD_FUSED_SM90,
@@ -181,8 +181,7 @@ class Sm90ForwardLaunch:
     def tickets(self, device: torch.device) -> torch.Tensor:
         """The kernel's tile counter on ``device`` for the current stream: int32[2], zeroed once; each launch leaves
         it zero again. Launches on one stream run in turn, so they can share it; other streams get their own."""
-        key = (device.index if device.index is not None else torch.cuda.current_device(),
-               torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+        key = (device.index, current_stream_handle(device.index))
         tickets = self._tickets.get(key)
         if tickets is None:
             tickets = self._tickets[key] = torch.zeros(2, dtype=torch.int32, device=device)

@@ -46,7 +46,7 @@ def compiled_mode(monkeypatch):
     """As on a GPU: no interpreter, a current device and stream."""
     monkeypatch.setattr(compiled_launch, "interpreter_active", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(compiled_launch, "_current_stream", lambda device: 1234)
+    monkeypatch.setattr(compiled_launch, "current_stream_handle", lambda device: 1234)
 
 
 def test_the_second_launch_of_a_specialisation_goes_to_the_compiled_kernel(compiled_mode):
