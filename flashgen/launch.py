@@ -135,8 +135,13 @@ class Sm90ForwardLaunch:
         # CUDA device says how many SMs it has; compiling without one needs no real grid).
         tiles = math.ceil(n_q / config.block_m) * heads_q * batch
         persistent = config["persistent"] and torch.cuda.is_available()
-        self.grid = (min(tiles, _sm_count(torch.cuda.current_device())) if persistent else tiles,)
+        # A program of one consumer group takes half the registers (128 a thread at launch; setmaxnreg moves them
+        # to the consumer) and, by the SRAM model, half the shared memory: two share an SM.
+        per_sm = 2 if config.block_m == GROUP_ROWS else 1
+        self.grid = (min(tiles, per_sm * _sm_count(torch.cuda.current_device())) if persistent else tiles,)
         self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
+        if per_sm == 2:
+            self.options["maxnreg"] = 65536 // (2 * 256)
         self.launcher = CompiledLaunch(self.kernel, self.grid, **self.options)
         self.lse_shape = (batch, heads_q, n_q)
         self.scalars = [batch, heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]

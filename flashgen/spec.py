@@ -219,6 +219,8 @@ class Knob:
     choices: tuple[KnobValue, ...]
     default: KnobValue
     help: str
+    # Other knobs' values that this knob's other-than-default values need: (knob, allowed values) pairs.
+    requires: tuple[tuple[str, tuple[KnobValue, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,15 @@ class KnobTable:
                     f"knob {knob.name!r} of template {self.template!r} must be one of {list(knob.choices)}, "
                     f"got {value!r}"
                 )
+        for knob in self.knobs:
+            if values[knob.name] == knob.default:
+                continue
+            for other, allowed in knob.requires:
+                if values[other] not in allowed:
+                    raise ValueError(
+                        f"knob {knob.name!r}={values[knob.name]!r} of template {self.template!r} needs {other} in "
+                        f"{list(allowed)}, got {values[other]!r}"
+                    )
         return config
 
     def config(self, **values: KnobValue) -> TileConfig:
@@ -333,9 +344,12 @@ class KnobTable:
         return self.config()
 
     def all_configs(self) -> Iterator[TileConfig]:
-        """Every combination of the declared choices (before any SRAM pruning)."""
+        """Every valid combination of the declared choices (before any SRAM pruning)."""
         for combo in itertools.product(*(knob.choices for knob in self.knobs)):
-            yield TileConfig.from_dict(dict(zip(self.names, combo)))
+            values = dict(zip(self.names, combo))
+            if all(values[knob.name] == knob.default or all(values[other] in allowed for other, allowed in knob.requires)
+                   for knob in self.knobs):  # fmt: skip
+                yield TileConfig.from_dict(values)
 
     def constexprs(self, config: TileConfig) -> dict[str, KnobValue]:
         """The knobs rendered into the source, upper-cased as the template names them."""
@@ -355,7 +369,11 @@ def _parse_knob(template: str, name: str, raw: Mapping[str, Any]) -> Knob:
         raise ValueError(f"{where}: default {default!r} is not among the choices {choices}")
     if len({type(choice) for choice in choices}) != 1:
         raise ValueError(f"{where}: choices must all have one type, got {choices}")
-    return Knob(name=name, kind=kind, choices=tuple(choices), default=default, help=str(raw.get("help", "")))
+    requires = raw.get("requires", {})
+    if not isinstance(requires, dict) or not all(isinstance(v, list) and v for v in requires.values()):
+        raise ValueError(f"{where}: requires must map other knobs to non-empty lists of their values")
+    return Knob(name=name, kind=kind, choices=tuple(choices), default=default, help=str(raw.get("help", "")),
+                requires=tuple((other, tuple(allowed)) for other, allowed in sorted(requires.items())))  # fmt: skip
 
 
 @cache
@@ -370,6 +388,12 @@ def knob_table(template: str) -> KnobTable:
     missing = [name for name in CORE_KNOBS if name not in {knob.name for knob in knobs}]
     if missing:
         raise ValueError(f"templates/{template}.toml must declare the core knobs; missing {missing}")
+    for knob in knobs:
+        for other, allowed in knob.requires:
+            known = next((k for k in knobs if k.name == other), None)
+            if known is None or other == knob.name or not set(allowed) <= set(known.choices):
+                raise ValueError(f"templates/{template}.toml, knob {knob.name!r}: requires {other}={list(allowed)}, "
+                                 "which is not another knob and some of its choices")  # fmt: skip
     uses = head.get("uses", [])
     if not isinstance(uses, list) or not all(isinstance(u, str) and u != template for u in uses):
         raise ValueError(f"templates/{template}.toml: [template] uses must be a list of other templates' names")

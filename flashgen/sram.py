@@ -37,7 +37,14 @@ def estimate_sm90_shared_bytes(variant: Variant, config: TileConfig) -> int:
     consumers, 532 with three)."""
     row_bytes = variant.head_dim * variant.element_size
     query_tiles = 2 if config["persistent"] else 1
-    return query_tiles * config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 640
+    program = query_tiles * config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 640
+    if config.block_m == 64:
+        # One consumer group: two programs share an SM, each with the 1 KiB the hardware reserves per program.
+        return 2 * (program + SM90_RESERVED_PER_PROGRAM) - SM90_RESERVED_PER_PROGRAM
+    return program
+
+
+SM90_RESERVED_PER_PROGRAM = 1024  # shared memory the hardware keeps for each resident program on sm_90
 
 
 def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:

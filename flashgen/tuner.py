@@ -4,8 +4,8 @@ The search space is the template's knob table (``templates/<template>.toml``), o
 caller, minus configs whose tiles exceed the bucket's lengths and configs over the shared-memory budget:
 those are removed before anything is compiled and never count as trials.
 
-Optuna's ask/tell loop runs the search: the given start configs first (the default, neighbouring buckets'
-winners), then the neighbours of the best so far, then Optuna's TPE sampler (seeded) where the
+Optuna's ask/tell loop runs the search: the given start configs first (stored winners, the default, neighbouring
+buckets' winners), then the neighbours of the best so far, then Optuna's TPE sampler (seeded) where the
 neighbourhood is used up; with ``exhaustive``, every config of the pruned space in turn. Candidates are asked
 a batch ahead and handed to :meth:`Evaluator.prepare`, which compiles them in worker processes while the GPU
 measures the previous batch. Every candidate is checked against the
@@ -21,7 +21,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -174,7 +174,8 @@ def tune_bucket(
 ) -> BucketResult:
     """Search ``space`` for the fastest correct config of ``bucket``; resumes the study ``name`` if it exists.
 
-    ``start_with``: configs measured first (the default config, winners of neighbouring buckets), so the
+    ``start_with``: configs measured first (stored winners, the default config, winners of neighbouring buckets;
+    before any is measured, the neighbourhood asked ahead is the first one's), so the
     search starts from what is known to be good rather than from random samples; they count as trials.
     ``local_search``: before the sampler is asked, measure the unmeasured neighbours of the best config so
     far (see :func:`_neighbours`): tile spaces are smooth near their optimum, and on the H200 the exhaustive
@@ -252,8 +253,8 @@ def tune_bucket(
         centre = result.best_config or next((c for c in start_with if c.key in in_space), None)
         if not local_search or exhaustive or centre is None:
             return
-        for config in _neighbours(centre, choices):  # queued after what is already waiting
-            if config.key in in_space and config.key not in seen and config.key not in queued:
+        for config in _neighbours(centre, choices, in_space):  # queued after what is already waiting
+            if config.key not in seen and config.key not in queued:
                 study.enqueue_trial(config.to_dict())
                 queued.add(config.key)
 
@@ -381,11 +382,31 @@ def final_round(candidates: dict[str, Callable[[], Outcome]], rounds: int) -> di
             for key, times in samples.items() if times}  # fmt: skip
 
 
-def _neighbours(config: TileConfig, choices: dict[str, list[KnobValue]]) -> list[TileConfig]:
-    """Configs one step from ``config``: one knob moved to the adjacent value of its (sorted) choices; and
-    block_m and num_warps moved together, which keeps the rows per warp. They are coupled on Hopper, where a
-    warpgroup of 4 warps serves 64 query rows: on the H200, m64-n64-w4-s3 beat the default m128-n64-w8-s3 by
-    12% on short causal sequences while m64 with 8 warps was slower than both, so single steps never got there."""
+def _neighbours(config: TileConfig, choices: dict[str, list[KnobValue]],
+                in_space: Mapping[str, TileConfig]) -> list[TileConfig]:  # fmt: skip
+    """Configs of the space (``in_space``, by key) one step from ``config``: one knob moved to the adjacent value
+    of its (sorted) choices; and block_m and num_warps moved together, which keeps the rows per warp. They are
+    coupled on Hopper, where a warpgroup of 4 warps serves 64 query rows: on the H200, m64-n64-w4-s3 beat the
+    default m128-n64-w8-s3 by 12% on short causal sequences while m64 with 8 warps was slower than both, so single
+    steps never got there. A move the shared-memory budget pruned takes the deepest shallower ring that fits:
+    attn_fwd_sm90's 64-row tiles run two programs an SM, so m128-n128-s4 is next to m64-n128-s3, not m64-n128-s4."""
+    return [fitting for moved in _moves(config, choices) if (fitting := _into_space(moved, choices, in_space))]
+
+
+def _into_space(config: TileConfig, choices: dict[str, list[KnobValue]],
+                in_space: Mapping[str, TileConfig]) -> TileConfig | None:  # fmt: skip
+    """``config`` if it is in the space, else the same with the deepest shallower ring that is, else None."""
+    if config.key in in_space:
+        return config
+    for stages in sorted((s for s in choices.get("num_stages", []) if s < config.num_stages), reverse=True):
+        shallower = TileConfig.from_dict({**config.to_dict(), "num_stages": stages})
+        if shallower.key in in_space:
+            return shallower
+    return None
+
+
+def _moves(config: TileConfig, choices: dict[str, list[KnobValue]]) -> list[TileConfig]:
+    """Configs one step from ``config`` (see :func:`_neighbours`), in or out of the space."""
     values = config.to_dict()
     found = []
 

@@ -74,16 +74,27 @@ def test_shared_memory_model_prunes_what_does_not_fit_a_hopper():
     assert not fits(d128, SM90.config(block_n=128, num_stages=3, persistent=True), H100_SHARED, FORWARD_SM90)
     assert SM90.config(block_n=128, num_stages=2, persistent=True) in space
     # Out, with 128 rows: n128 with 4 stages (either ping-pong, either persistent), and n128 with 3 stages when
-    # persistent. With 192 rows (a third Q tile, 16 KiB at D=128): n128 with 3 or 4 stages.
+    # persistent. With 192 rows (a third Q tile, 16 KiB at D=128): n128 with 3 or 4 stages. With 64 rows two
+    # programs share the SM, each with half of it less the 1 KiB reserved per program: of the 12, only n64 with 2
+    # stages, and with 3 when not persistent (one Q tile), fit.
     assert SM90.config(block_m=192, block_n=128, num_stages=2, persistent=True) in space
-    assert len(space) == len(list(SM90.all_configs())) - 6 - 8
+    assert estimate_sm90_shared_bytes(d128, SM90.config(block_m=64, block_n=64, num_stages=3)) <= H100_SHARED
+    assert SM90.config(block_m=64, block_n=64, num_stages=3, persistent=True) not in space
+    assert len(space) == len(list(SM90.all_configs())) - 6 - 8 - 9
+
+
+def test_ping_pong_needs_two_consumer_groups():
+    with pytest.raises(ValueError, match="'pingpong'=True of template 'attn_fwd_sm90' needs block_m in"):
+        SM90.config(block_m=64, pingpong=True)
+    assert not any(c.block_m == 64 and c["pingpong"] for c in SM90.all_configs())
+    assert SM90.config(block_m=64)["pingpong"] is False and SM90.config(block_m=128, pingpong=True)["pingpong"]
 
 
 def test_short_sequences_keep_the_only_query_tile():
-    # block_m is at least 128: a 64-row bucket still has configs to tune (the kernel clips the padding rows).
-    bucket = ShapeBucket.of(Variant(64, "fp16"), batch=8, heads_q=8, heads_kv=8, n_q=64, n_k=64)
+    # block_m is at least 64: a 32-row bucket still has configs to tune (the kernel clips the padding rows).
+    bucket = ShapeBucket.of(Variant(64, "fp16"), batch=8, heads_q=8, heads_kv=8, n_q=32, n_k=32)
     space = search_space(bucket, sram_budget=None, template=FORWARD_SM90)
-    assert space and all(c.block_m == 128 and c.block_n == 64 for c in space)
+    assert space and all(c.block_m == 64 and c.block_n == 64 for c in space)
 
 
 def sm90_entry(n=1024, ms=1.0, template=FORWARD_SM90, config=None, variant=Variant(128, "bf16", causal=True)):
@@ -220,7 +231,8 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 CONFIGS = [SM90.config(block_n=128, num_stages=3), SM90.config(block_n=64, num_stages=2, pingpong=True),
            SM90.config(block_n=128, num_stages=2, pingpong=True, persistent=True),
            SM90.config(block_m=192, block_n=64, num_stages=3, pingpong=True),
-           SM90.config(block_m=192, block_n=128, num_stages=2, persistent=True)]  # the D=64 winner: it spills
+           SM90.config(block_m=192, block_n=128, num_stages=2, persistent=True),  # the D=64 winner: it spills
+           SM90.config(block_m=64, block_n=128, num_stages=3, persistent=True)]  # one consumer, two programs an SM
 # (B, Hq, Hkv, Nq, Nk): GQA with ragged lengths, more queries than keys (bottom-right: rows that see no key), decode.
 SHAPES = [(2, 4, 2, 333, 517), (1, 2, 1, 517, 333), (2, 2, 2, 1, 300)]
 
@@ -256,7 +268,8 @@ def test_any_scale_on_hopper(scale):
 @hopper
 @pytest.mark.parametrize("programs", [1, 5])
 @pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[2], SM90.config(block_n=64, num_stages=3, persistent=True),
-                                    SM90.config(block_m=192, block_n=64, num_stages=2, pingpong=True, persistent=True)],
+                                    SM90.config(block_m=192, block_n=64, num_stages=2, pingpong=True, persistent=True),
+                                    CONFIGS[5]],
                          ids=lambda c: c.key)  # fmt: skip
 @pytest.mark.parametrize("n_q, n_k, causal_offset", [(517, 700, None), (700, 517, 0), (517, 333, -184)])
 def test_a_program_runs_tile_after_tile(programs, config, n_q, n_k, causal_offset):

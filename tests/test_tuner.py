@@ -1,13 +1,16 @@
 """The search logic with an injected evaluator: a fake clock instead of a GPU, no kernels compiled."""
 
+import itertools
+
 import optuna
 import pytest
 
 from flashgen.shapes import ShapeBucket
-from flashgen.spec import Variant, knob_table
+from flashgen.spec import FORWARD_SM90, TileConfig, Variant, knob_table
 from flashgen.sram import estimate_shared_bytes
 from flashgen.tuner import BucketResult, Budget, Outcome, final_round, finalists, search_space, tune_bucket
 
+H100_SHARED = 232448  # the opt-in limit of shared memory per program
 BUCKET = ShapeBucket.of(Variant(64, "fp16"), batch=1, heads_q=8, heads_kv=8, n_q=1024, n_k=1024)
 table = knob_table("attn_fwd")
 # The Hopper knobs held off: the searches below are about tile shapes.
@@ -173,12 +176,29 @@ def test_neighbours_move_one_knob_or_block_m_with_num_warps():
     choices = {"block_m": [64, 128, 256], "block_n": [32, 64], "num_warps": [4, 8], "num_stages": [3], "split_masked": [False, True],
                "tma": [False, True], "warp_specialize": [False]}  # fmt: skip
     centre = table.config(block_m=128, block_n=64, num_warps=8, num_stages=3, split_masked=True)
-    keys = {c.key.removesuffix("-warp_specialize=0") for c in _neighbours(centre, choices)}
+    everything = {c.key: c for c in (TileConfig.from_dict(dict(zip(choices, values)))
+                                     for values in itertools.product(*choices.values()))}  # fmt: skip
+    keys = {c.key.removesuffix("-warp_specialize=0") for c in _neighbours(centre, choices, everything)}
     assert keys == {
         "m64-n64-w8-s3-split_masked=1-tma=0", "m256-n64-w8-s3-split_masked=1-tma=0", "m128-n32-w8-s3-split_masked=1-tma=0",
         "m128-n64-w4-s3-split_masked=1-tma=0", "m128-n64-w8-s3-split_masked=0-tma=0", "m64-n64-w4-s3-split_masked=1-tma=0",
         "m128-n64-w8-s3-split_masked=1-tma=1",
     }  # fmt: skip
+
+
+def test_a_neighbour_over_the_sram_budget_takes_a_shallower_ring():
+    from flashgen.tuner import _neighbours
+
+    # attn_fwd_sm90 at D=64: 64-row programs run two an SM, so with 128-key blocks a 4-deep ring no longer fits and
+    # 3 is the deepest that does.
+    sm90 = knob_table(FORWARD_SM90)
+    space = search_space(BUCKET, sram_budget=H100_SHARED, template=FORWARD_SM90)
+    choices = {n: sorted({c[n] for c in space}) for n in sm90.names}
+    centre = sm90.config(block_m=128, block_n=128, num_stages=4, persistent=True)
+    assert centre in space and sm90.config(block_m=64, block_n=128, num_stages=4, persistent=True) not in space
+    found = _neighbours(centre, choices, {c.key: c for c in space})
+    assert sm90.config(block_m=64, block_n=128, num_stages=3, persistent=True) in found
+    assert all(c in space for c in found) and len(found) == len(set(found))
 
 
 def test_the_backward_space_comes_from_its_own_knob_table_and_sram_model():
@@ -301,7 +321,7 @@ def test_the_final_round_leaves_alone_a_bucket_with_no_close_race(tmp_path):
     assert result.best_config == best and result.final_times == {}
 
 
-def test_a_search_starts_from_the_default_then_the_buckets_own_winners_even_stale_ones():
+def test_a_search_starts_from_the_buckets_own_winners_even_stale_ones_then_the_default():
     from datetime import datetime
 
     from flashgen.db import TunedEntry
@@ -322,8 +342,14 @@ def test_a_search_starts_from_the_default_then_the_buckets_own_winners_even_stal
                                                    ((64, 64), (32, 32), (128, 32), (64, 32), (128, 64)))  # fmt: skip
     entries = [entry(neighbour, bucket=longer), entry(older, day=1), entry(elsewhere, device=h200),
                entry(newer, digest="newer", day=2), entry(default, bucket=longer)]
-    assert start_configs(entries, "attn_fwd", BUCKET, h100, default) == [default, newer, older, neighbour]
+    assert start_configs(entries, "attn_fwd", BUCKET, h100, default) == [newer, older, default, neighbour]
     assert start_configs(entries, "attn_fwd_sm90", BUCKET, h100, default) == [default]
+    # Only the two nearest other buckets lend their winners, nearest first: lengths 2x and 4x away, not 16x.
+    near, nearer, far = (ShapeBucket.of(BUCKET.variant, batch=1, heads_q=8, heads_kv=8, n_q=f * BUCKET.n_q,
+                                        n_k=f * BUCKET.n_k) for f in (4, 2, 16))  # fmt: skip
+    lent = [table.config(block_m=m, block_n=n) for m, n in ((16, 16), (32, 16), (16, 32))]
+    entries = [entry(lent[0], bucket=near), entry(lent[1], bucket=nearer), entry(lent[2], bucket=far)]
+    assert start_configs(entries, "attn_fwd", BUCKET, h100, default) == [default, lent[1], lent[0]]
 
 
 def test_a_winner_stored_before_a_knob_existed_starts_the_search_with_each_of_its_values():
@@ -354,8 +380,7 @@ def test_a_winner_stored_before_a_knob_existed_starts_the_search_with_each_of_it
     # The bucket's own winners with the new knob at its default (the kernel they were) and at each other value;
     # other buckets' winners at the default only; a config the template cannot express any more is dropped.
     assert start_configs(entries, "attn_fwd_sm90", BUCKET, h100, default) == [
-        default,
         sm90.config(block_n=64, pingpong=True), sm90.config(block_n=64, pingpong=True, persistent=True),
-        sm90.config(block_n=128, persistent=True),
+        default, sm90.config(block_n=128, persistent=True),  # (that winner was the default config)
         sm90.config(num_stages=2), sm90.config(num_stages=4),
     ]  # fmt: skip
