@@ -22,6 +22,7 @@ from flashgen.spec import (
     backward_template_of,
     knob_table,
 )
+from flashgen.sram import sm90_forward_programs_per_sm
 
 LOG2E = 1.4426950408889634
 GROUP_ROWS = 64  # query rows of one consumer warp group in the Gluon templates (wgmma's M; their ROWS)
@@ -135,13 +136,13 @@ class Sm90ForwardLaunch:
         # CUDA device says how many SMs it has; compiling without one needs no real grid).
         tiles = math.ceil(n_q / config.block_m) * heads_q * batch
         persistent = config["persistent"] and torch.cuda.is_available()
-        # A program of one consumer group takes half the registers (128 a thread at launch; setmaxnreg moves them
-        # to the consumer) and, by the SRAM model, half the shared memory: two share an SM.
-        per_sm = 2 if config.block_m == GROUP_ROWS else 1
+        per_sm = sm90_forward_programs_per_sm(config)
         self.grid = (min(tiles, per_sm * _sm_count(torch.cuda.current_device())) if persistent else tiles,)
         self.options = {"num_warps": config.num_warps}  # the ring depth is rendered into the source
-        if per_sm == 2:
-            self.options["maxnreg"] = 65536 // (2 * 256)
+        if per_sm > 1:
+            # Each program's 256 threads (a consumer group, the producer warp padded to a group) start with their
+            # share of the SM's 65536 registers; setmaxnreg then moves the producer's to the consumer.
+            self.options["maxnreg"] = 65536 // (per_sm * 256)
         self.launcher = CompiledLaunch(self.kernel, self.grid, **self.options)
         self.lse_shape = (batch, heads_q, n_q)
         self.scalars = [batch, heads_q, heads_q // heads_kv, n_q, n_k, *([causal_offset] if variant.causal else [])]

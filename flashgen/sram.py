@@ -29,22 +29,27 @@ def estimate_shared_bytes(variant: Variant, config: TileConfig) -> int:
     return q_tile + kv_ring
 
 
+SM90_RESERVED_PER_PROGRAM = 1024  # shared memory the hardware keeps for each resident program on sm_90
+
+
+def sm90_forward_programs_per_sm(config: TileConfig) -> int:
+    """Programs of the Hopper forward (attn_fwd_sm90) that share an SM: two with one consumer warp group (block_m
+    64), which then take half of the registers and of the shared memory each; otherwise one."""
+    return 2 if config.block_m == 64 else 1
+
+
 def estimate_sm90_shared_bytes(variant: Variant, config: TileConfig) -> int:
     """Shared memory of one program of the Hopper forward (attn_fwd_sm90), in bytes: the consumers' Q
     tiles, two per consumer with ``persistent`` (each also stages its tile's output), ``num_stages`` K and V
     buffers, and 640 bytes for the mbarriers, warp specialisation and alignment
     (compiled for sm_90 with Triton 3.6, D 64/128, 2-4 stages: 344-448 bytes above the tiles with two
-    consumers, 532 with three)."""
+    consumers, 532 with three). Where two programs share an SM, the bytes of both and of the reserve between
+    them, so that the budget of one program bounds the pair."""
     row_bytes = variant.head_dim * variant.element_size
     query_tiles = 2 if config["persistent"] else 1
     program = query_tiles * config.block_m * row_bytes + config.num_stages * 2 * config.block_n * row_bytes + 640
-    if config.block_m == 64:
-        # One consumer group: two programs share an SM, each with the 1 KiB the hardware reserves per program.
-        return 2 * (program + SM90_RESERVED_PER_PROGRAM) - SM90_RESERVED_PER_PROGRAM
-    return program
-
-
-SM90_RESERVED_PER_PROGRAM = 1024  # shared memory the hardware keeps for each resident program on sm_90
+    programs = sm90_forward_programs_per_sm(config)
+    return programs * (program + SM90_RESERVED_PER_PROGRAM) - SM90_RESERVED_PER_PROGRAM
 
 
 def estimate_backward_shared_bytes(variant: Variant, config: TileConfig) -> int:

@@ -83,6 +83,14 @@ def test_shared_memory_model_prunes_what_does_not_fit_a_hopper():
     assert len(space) == len(list(SM90.all_configs())) - 6 - 8 - 9
 
 
+@pytest.mark.parametrize("block_m, maxnreg", [(64, 128), (128, None)])
+def test_one_consumer_programs_launch_with_half_the_registers(block_m, maxnreg):
+    # Two 64-row programs share an SM: each starts with half of the 65536 registers over its 256 threads.
+    config = SM90.config(block_m=block_m, block_n=128, num_stages=2)
+    launch = Sm90ForwardLaunch(Variant(64, "bf16"), config, (2, 4, 300, 64), (2, 4, 300, 64))
+    assert launch.options.get("maxnreg") == maxnreg and launch.grid == (-(-300 // block_m) * 8,)
+
+
 def test_ping_pong_needs_two_consumer_groups():
     with pytest.raises(ValueError, match="'pingpong'=True of template 'attn_fwd_sm90' needs block_m in"):
         SM90.config(block_m=64, pingpong=True)
