@@ -291,16 +291,21 @@ class KnobTable:
                     f"knob {knob.name!r} of template {self.template!r} must be one of {list(knob.choices)}, "
                     f"got {value!r}"
                 )
-        for knob in self.knobs:
-            if values[knob.name] == knob.default:
-                continue
-            for other, allowed in knob.requires:
-                if values[other] not in allowed:
-                    raise ValueError(
-                        f"knob {knob.name!r}={values[knob.name]!r} of template {self.template!r} needs {other} in "
-                        f"{list(allowed)}, got {values[other]!r}"
-                    )
+        unmet = self._unmet_requirement(values)
+        if unmet is not None:
+            knob, other, allowed = unmet
+            raise ValueError(f"knob {knob!r}={values[knob]!r} of template {self.template!r} needs {other} in "
+                             f"{list(allowed)}, got {values[other]!r}")  # fmt: skip
         return config
+
+    def _unmet_requirement(self, values: Mapping[str, KnobValue]) -> tuple[str, str, tuple[KnobValue, ...]] | None:
+        """The first (knob, other knob, values it needs) whose ``requires`` ``values`` break, or None."""
+        for knob in self.knobs:
+            if values[knob.name] != knob.default:
+                for other, allowed in knob.requires:
+                    if values[other] not in allowed:
+                        return knob.name, other, allowed
+        return None
 
     def config(self, **values: KnobValue) -> TileConfig:
         """A validated tile config: the given knobs, the defaults for the rest."""
@@ -347,8 +352,7 @@ class KnobTable:
         """Every valid combination of the declared choices (before any SRAM pruning)."""
         for combo in itertools.product(*(knob.choices for knob in self.knobs)):
             values = dict(zip(self.names, combo))
-            if all(values[knob.name] == knob.default or all(values[other] in allowed for other, allowed in knob.requires)
-                   for knob in self.knobs):  # fmt: skip
+            if self._unmet_requirement(values) is None:
                 yield TileConfig.from_dict(values)
 
     def constexprs(self, config: TileConfig) -> dict[str, KnobValue]:
