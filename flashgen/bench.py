@@ -2,7 +2,8 @@
 
 Peers: SDPA with each backend (cuDNN, flash, efficient) and compiled FlexAttention. Every peer's output is
 checked against a float64 reference on the first query rows before it is timed; a peer that fails or is
-not supported for a point is reported as such, not dropped.
+not supported for a point is reported as such, not dropped. Then a point's peers are timed in turn, in rounds,
+and each reports the median of its rounds (_measure_peers says why).
 
 Backward (``direction="bwd"``): each peer's forward runs once, then only its backward is timed
 (``retain_graph``), FLOPs 2.5x the forward's. dQ is checked against PyTorch's float32 math attention where
@@ -12,7 +13,9 @@ that fits (seqlen <= BWD_CHECK_MAX); longer points are timed unchecked (the GPU 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +39,7 @@ from flashgen.timing import attention_flops, median_ms, tflops
 
 PEERS = ("flashgen", "default", "cudnn", "flash", "efficient", "flex")  # flashgen: as dispatched; default: its default configs
 CONFIG_PEER = "config:"  # a peer "config:<key>" is flashgen forced to run the tile config <key> (see config_peer)
+ROUNDS = 5  # each peer is timed this many times, in turn with the others (bench_point)
 CHECK_ROWS = 256  # query rows compared against the float64 reference (the full matrix does not fit at 16k)
 BWD_CHECK_MAX = 4096
 
@@ -78,6 +82,7 @@ class Measurement:
     error: float | None = None
     failure: str | None = None
     config: str | None = None
+    round_ms: list[float] = field(default_factory=list)  # each round's median; ms is their median
 
 
 @dataclass
@@ -131,19 +136,20 @@ def _parse_config_key(text: str, *, backward: bool) -> TileConfig:
     return knob_table(template).parse_key(key)
 
 
-def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Tensor], contextlib.AbstractContextManager]:
+def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Tensor], Callable[[], contextlib.AbstractContextManager]]:
+    """The call that runs ``peer`` on q, k, v, and what makes the context it runs in (a fresh one each time)."""
     if peer == "flashgen":
-        return (lambda: attention(q, k, v, causal=point.causal)), contextlib.nullcontext()
+        return (lambda: attention(q, k, v, causal=point.causal)), contextlib.nullcontext
     if peer == "default":
         forward, backward = _defaults(point, q.device)
-        return (lambda: attention(q, k, v, causal=point.causal, config=forward, backward_config=backward)), contextlib.nullcontext()
+        return (lambda: attention(q, k, v, causal=point.causal, config=forward, backward_config=backward)), contextlib.nullcontext
     if peer.startswith(CONFIG_PEER):
         config = _parse_config_key(peer[len(CONFIG_PEER):], backward=point.backward)
         forced = {"backward_config" if point.backward else "config": config}
-        return (lambda: attention(q, k, v, causal=point.causal, **forced)), contextlib.nullcontext()
+        return (lambda: attention(q, k, v, causal=point.causal, **forced)), contextlib.nullcontext
     if peer in ("cudnn", "flash", "efficient"):
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        return (lambda: sdpa(q, k, v, is_causal=point.causal)), _sdpa_backend(peer)
+        return (lambda: sdpa(q, k, v, is_causal=point.causal)), functools.partial(_sdpa_backend, peer)
     if peer == "flex":
         global _flex_compiled
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -159,7 +165,7 @@ def _peer_call(peer: str, point: Point, q, k, v) -> tuple[Callable[[], torch.Ten
                 lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, point.seqlen, point.seqlen, device=q.device
             )
         flex = _flex_compiled
-        return (lambda: flex(q, k, v, block_mask=block_mask)), contextlib.nullcontext()
+        return (lambda: flex(q, k, v, block_mask=block_mask)), contextlib.nullcontext
     raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")
 
 
@@ -178,31 +184,40 @@ def _config_label(peer: str, point: Point, q: torch.Tensor) -> str | None:
     return None
 
 
-def bench_point(point: Point, peers: tuple[str, ...], *, rep_ms: float = 100) -> PointResult:
-    """Check, then time, each peer on one set of fresh random inputs."""
+def bench_point(point: Point, peers: tuple[str, ...], *, rounds: int = ROUNDS, rep_ms: float = 100) -> PointResult:
+    """Check each peer on one set of fresh random inputs, then time them all, in turn, ``rounds`` times
+    (``rep_ms`` each)."""
     if point.backward:
-        return _bench_backward(point, peers, rep_ms=rep_ms)
+        return _bench_backward(point, peers, rounds=rounds, rep_ms=rep_ms)
     dtype = TORCH_DTYPES[point.dtype]
     shape = (point.batch, point.heads, point.seqlen, point.head_dim)
     q, k, v = (torch.randn(shape, dtype=dtype, device="cuda") for _ in range(3))
     rows = min(CHECK_ROWS, point.seqlen)
     ref, _ = reference_attention(q[:, :, :rows], k, v, causal_offset=0 if point.causal else None)
 
-    def run(peer: str, m: Measurement) -> None:
+    def check(peer: str, m: Measurement) -> Callable[[], float]:
         m.config = _config_label(peer, point, q)
         fn, ctx = _peer_call(peer, point, q, k, v)
-        with ctx:
+        with ctx():
             out = fn()
             torch.cuda.synchronize()
-            m.error = relative_error(out[:, :, :rows], ref)
-            if not m.error <= 2e-2:  # also catches NaN
-                raise RuntimeError(f"wrong result: relative error {m.error:.3g}")
-            m.ms = median_ms(fn, rep_ms=rep_ms)
+        m.error = relative_error(out[:, :, :rows], ref)
+        if not m.error <= 2e-2:  # also catches NaN
+            raise RuntimeError(f"wrong result: relative error {m.error:.3g}")
+        return _timer(fn, ctx, rep_ms)
 
-    return _measure_peers(point, peers, run)
+    return _measure_peers(point, peers, check, rounds)
 
 
-def _bench_backward(point: Point, peers: tuple[str, ...], *, rep_ms: float) -> PointResult:
+def _timer(fn: Callable[[], object], ctx: Callable[[], contextlib.AbstractContextManager], rep_ms: float) -> Callable[[], float]:
+    def time_once() -> float:
+        with ctx():
+            return median_ms(fn, rep_ms=rep_ms)
+
+    return time_once
+
+
+def _bench_backward(point: Point, peers: tuple[str, ...], *, rounds: int, rep_ms: float) -> PointResult:
     dtype = TORCH_DTYPES[point.dtype]
     shape = (point.batch, point.heads, point.seqlen, point.head_dim)
     inputs = [torch.randn(shape, dtype=dtype, device="cuda") for _ in range(3)]
@@ -217,40 +232,61 @@ def _bench_backward(point: Point, peers: tuple[str, ...], *, rep_ms: float) -> P
         reference = leaves[0].grad
         del leaves
 
-    def run(peer: str, m: Measurement) -> None:
+    def check(peer: str, m: Measurement) -> Callable[[], float]:
         q, k, v = (t.detach().requires_grad_() for t in inputs)
         m.config = _config_label(peer, point, q)
         fn, ctx = _peer_call(peer, point, q, k, v)
-        with ctx:
+        with ctx():
             out = fn()
             out.backward(grad, retain_graph=True)
             torch.cuda.synchronize()
-            if reference is not None:
-                m.error = relative_error(q.grad, reference)
-                if not m.error <= 2e-2:
-                    raise RuntimeError(f"wrong dq: relative error {m.error:.3g}")
+        if reference is not None:
+            m.error = relative_error(q.grad, reference)
+            if not m.error <= 2e-2:
+                raise RuntimeError(f"wrong dq: relative error {m.error:.3g}")
 
-            def step() -> None:
-                q.grad = k.grad = v.grad = None
-                out.backward(grad, retain_graph=True)
+        def step() -> None:
+            q.grad = k.grad = v.grad = None
+            out.backward(grad, retain_graph=True)
 
-            m.ms = median_ms(step, rep_ms=rep_ms)
+        return _timer(step, ctx, rep_ms)
 
-    return _measure_peers(point, peers, run)
+    return _measure_peers(point, peers, check, rounds)
 
 
-def _measure_peers(point: Point, peers: tuple[str, ...], run: Callable[[str, Measurement], None]) -> PointResult:
-    """``run`` each peer into its Measurement; a peer that cannot run this point is reported, not fatal."""
+def _measure_peers(point: Point, peers: tuple[str, ...], check: Callable[[str, Measurement], Callable[[], float]],
+                   rounds: int) -> PointResult:  # fmt: skip
+    """``check`` each peer into its Measurement, which gives back a timer (one median in ms); then run every
+    peer's timer, in turn, ``rounds`` times, each round starting one peer further along, and take the median of
+    its rounds. Taking turns puts a drift of the GPU's clock (it slows as it heats) on all peers alike instead of
+    on whichever ran last, or first after the idle checks. A peer that cannot run this point, or fails a round,
+    is reported, not fatal."""
     result = PointResult(point)
+    timers: dict[str, Callable[[], float]] = {}
+
+    def fail(m: Measurement, exc: Exception) -> None:
+        m.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        timers.pop(m.peer, None)
+
     for peer in peers:
-        m = Measurement(peer)
+        m = result.measurements[peer] = Measurement(peer)
         try:
-            run(peer, m)
-            m.tflops = tflops(point.flops, m.ms)
+            timers[peer] = check(peer, m)
         except Exception as exc:
-            m.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-        result.measurements[peer] = m
-        torch.cuda.empty_cache()
+            fail(m, exc)
+    for r in range(rounds):
+        order = list(timers)
+        shift = r % len(order) if order else 0
+        for peer in order[shift:] + order[:shift]:
+            try:
+                result.measurements[peer].round_ms.append(timers[peer]())
+            except Exception as exc:
+                fail(result.measurements[peer], exc)
+    for peer in timers:
+        m = result.measurements[peer]
+        m.ms = statistics.median(m.round_ms)
+        m.tflops = tflops(point.flops, m.ms)
+    torch.cuda.empty_cache()
     return result
 
 
@@ -351,9 +387,9 @@ def measure_overhead(points: list[OverheadPoint], *, calls: int = 2000) -> list[
         for peer in ("cudnn", "flash", "efficient"):
             fn, ctx = _peer_call(peer, Point(point.head_dim, point.causal, point.seqlen, point.dtype), q, k, v)
             try:
-                with ctx:
+                with ctx():
                     fn()
-                fns[peer] = (fn, lambda peer=peer: _sdpa_backend(peer))
+                fns[peer] = (fn, ctx)
             except Exception as exc:
                 row[f"{peer}_failure"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
         times = _per_call_us(fns, calls)

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from flashgen.bench import ROUNDS as BENCH_ROUNDS
 from flashgen.codegen import FORWARD
 from flashgen.spec import DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, TEMPLATES, Knob, TileConfig, Variant, knob_table
 
@@ -239,18 +240,22 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="batch * seqlen.")
 @click.option("--hidden", type=click.IntRange(min=1), default=2048, show_default=True, help="heads * head_dim.")
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
+@click.option("--rounds", type=click.IntRange(min=1), default=BENCH_ROUNDS, show_default=True,
+              help="Time every kernel of a point this many times (about 100 ms each), taking turns, and report the "
+                   "median: a slow drift of the GPU's clock then falls on all of them alike.")  # fmt: skip
 @click.option("--overhead", is_flag=True, help="Instead of the grid: per-call time on tiny shapes against a direct launch of the same kernel and SDPA, and CUDA-graph replay.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all measurements as JSON here.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Plot TFLOP/s against seqlen, a panel per variant, here (needs matplotlib).")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Measure nothing: plot (--png) a run saved with --json (no GPU needed).")  # fmt: skip
-def bench(head_dims, seqlens, causal_modes, dtype, peers, config_keys, tokens, hidden, direction, overhead, json_out, png_out,
-          from_json) -> None:  # fmt: skip
+def bench(head_dims, seqlens, causal_modes, dtype, peers, config_keys, tokens, hidden, direction, rounds, overhead, json_out,
+          png_out, from_json) -> None:  # fmt: skip
     """TFLOP/s of flashgen (as dispatched) against its default configs, SDPA's backends and compiled
     FlexAttention (GPU only).
 
     Same process, same inputs; outputs (forward) or dQ (backward, seqlen <= 4096) are checked against a
-    reference before they are timed. The flashgen column says which config dispatch picked and why.
+    reference before they are timed, and the kernels of a point are timed in turn (--rounds). The flashgen column
+    says which config dispatch picked and why.
     """
     import torch
 
@@ -278,7 +283,7 @@ def bench(head_dims, seqlens, causal_modes, dtype, peers, config_keys, tokens, h
     with console.status("benchmarking") as status:
         for point in grid:
             status.update(f"benchmarking {point.label}")
-            results.append(b.bench_point(point, all_peers))
+            results.append(b.bench_point(point, all_peers, rounds=rounds))
             err_console.print(_bench_line(results[-1], all_peers))
             if json_out:  # after every point, so an interrupted run keeps what it measured
                 json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2))
