@@ -23,7 +23,7 @@ GOLDEN_CASES = {
     "bwd-d64-fp16-tma": ("attn_bwd", Variant(64, "fp16"), knob_table("attn_bwd").config(tma=True)),
     "sm90-d128-bf16-causal-pingpong": ("attn_fwd_sm90", Variant(128, "bf16", causal=True), knob_table("attn_fwd_sm90").config(pingpong=True)),
     "sm90-d64-fp16-n64-s2-persistent": ("attn_fwd_sm90", Variant(64, "fp16"), knob_table("attn_fwd_sm90").config(block_n=64, num_stages=2, persistent=True)),
-    "sm90-d64-bf16-causal-persistent": ("attn_fwd_sm90", Variant(64, "bf16", causal=True), knob_table("attn_fwd_sm90").config(persistent=True)),
+    "sm90-d64-bf16-causal-persistent-early": ("attn_fwd_sm90", Variant(64, "bf16", causal=True), knob_table("attn_fwd_sm90").config(persistent=True, early_scores=True)),
     "sm90-bwd-d128-bf16-causal": ("attn_bwd_sm90", Variant(128, "bf16", causal=True), knob_table("attn_bwd_sm90").default_config()),
     "sm90-fused-bwd-d64-bf16-causal": ("attn_bwd_fused_sm90", Variant(64, "bf16", causal=True), knob_table("attn_bwd_fused_sm90").default_config()),
     "sm90-fused-tma-bwd-d128-bf16-causal": ("attn_bwd_fused_tma_sm90", Variant(128, "bf16", causal=True), knob_table("attn_bwd_fused_tma_sm90").default_config()),
