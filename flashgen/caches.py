@@ -5,7 +5,9 @@ anything malformed or hostile (not JSON, NaN, duplicate keys, unknown fields, wr
 values, a file over :data:`MAX_BYTES`) rejects the whole file with a :class:`CacheError` that says where and
 why. Nothing from the file is executed: the kernel source of each entry is regenerated from flashgen's own
 templates, and an entry from the current templates whose stored hash differs from the regenerated one is
-rejected. Entries from other template digests or Triton versions are kept but are stale (never used).
+rejected. Entries from other template digests or Triton versions are kept but are stale (never used). A stale
+entry's config names its own template version's knobs (a knob added since is missing), so it is checked for
+plain values and short knob names instead of against the current knob table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ FORMAT = "flashgen-tuning-cache"
 FORMAT_VERSION = 1
 MAX_BYTES = 16 * 1024 * 1024
 MAX_ENTRIES = 100_000
+MAX_STALE_KNOBS = 16  # template knobs of a config from another template version (no template has half as many)
 _HEX = re.compile(r"[0-9a-f]+")
+_KNOB_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ENTRY_FIELDS = {
     "template", "template_digest", "device", "toolchain", "bucket", "config", "median_ms", "tflops", "error",
     "trials", "trials_to_best", "tuning_seconds", "source_sha256", "created_at",
@@ -162,6 +166,18 @@ def _hex(value: Any, where: str, length: int) -> str:
     return value
 
 
+def _check_stale_config(config: TileConfig) -> None:
+    """A config from another version of its template names that version's knobs (one added since is missing),
+    so the current knob table cannot judge it; it is never rendered. It must still be small and plain."""
+    if len(config.extra) > MAX_STALE_KNOBS:
+        raise CacheError(f"config has {len(config.extra)} template knobs; at most {MAX_STALE_KNOBS} are read")
+    for name, value in config.extra:
+        if not _KNOB_NAME.fullmatch(name):
+            raise CacheError(f"config knob name {name[:40]!r} is not a lowercase identifier of at most 32 characters")
+        if isinstance(value, str):
+            _text(value, f"config.{name}", 32)
+
+
 def _fields(raw: Any, expected: set[str], where: str) -> dict[str, Any]:
     _expect(raw, dict, where)
     if set(raw) != expected:
@@ -195,7 +211,7 @@ def _parse_entry(raw: Any) -> TunedEntry:
     toolchain_raw = _fields(raw["toolchain"], _TOOLCHAIN_FIELDS, "toolchain")
     toolchain = {name: _text(toolchain_raw[name], f"toolchain.{name}", 64) for name in sorted(_TOOLCHAIN_FIELDS)}
     bucket = ShapeBucket.from_dict(_expect(raw["bucket"], dict, "bucket"))
-    config = table.validate(TileConfig.from_dict(_expect(raw["config"], dict, "config")))
+    config = TileConfig.from_dict(_expect(raw["config"], dict, "config"))
     trials = _count(raw["trials"], "trials")
     trials_to_best = _count(raw["trials_to_best"], "trials_to_best")
     if trials_to_best > trials:
@@ -204,6 +220,7 @@ def _parse_entry(raw: Any) -> TunedEntry:
     stored_sha = _hex(raw["source_sha256"], "source_sha256", 64)
     source_text = ""
     if digest == template_digest(template):
+        config = table.validate(config)
         source = render(template, bucket.variant, config)
         if source.digest != stored_sha:
             raise CacheError(
@@ -211,6 +228,8 @@ def _parse_entry(raw: Any) -> TunedEntry:
                 "config: the entry was altered or made by a modified flashgen"
             )
         source_text = source.text
+    else:
+        _check_stale_config(config)
     try:
         created_at = datetime.fromisoformat(_text(raw["created_at"], "created_at", 40))
     except ValueError:

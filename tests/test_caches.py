@@ -41,6 +41,27 @@ def test_stale_entries_are_kept_without_source():
     assert back.source_text == "" and back.is_stale(template_digest("attn_fwd"), "3.6.0")
 
 
+def test_an_entry_from_before_a_knob_was_added_is_kept_stale():
+    # A cache exported by an older flashgen: its entry's config lacks a knob the template has since gained.
+    entry = make_entry(digest="fedcba9876543210")
+    data = json.loads(dumps([entry]))
+    del data["entries"][0]["config"]["split_masked"]
+    (back,) = loads(json.dumps(data))
+    assert back.is_stale(template_digest("attn_fwd"), "3.6.0") and "split_masked" not in back.config.to_dict()
+    # From the current templates, the same config is rejected: it could not be rendered.
+    data["entries"][0]["template_digest"] = template_digest("attn_fwd")
+    with pytest.raises(CacheError, match="missing knob"):
+        loads(json.dumps(data))
+
+
+def _stale(mutate):
+    def both(data):
+        data["entries"][0]["template_digest"] = "fedcba9876543210"
+        mutate(data)
+
+    return both
+
+
 def _set(path, value):
     def mutate(data):
         target = data["entries"][0]
@@ -61,6 +82,7 @@ def _delete(path):
     return mutate
 
 
+KNOBS = json.loads(dumps([current_entry()]))["entries"][0]["config"]
 HOSTILE = {
     "not json": "this is not json {",
     "not an object": json.dumps([1, 2, 3]),
@@ -87,6 +109,11 @@ HOSTILE = {
     "bad date": cache_with(_set(["created_at"], "yesterday")),
     "trials_to_best > trials": cache_with(_set(["trials_to_best"], 31)),
     "deep nesting": "[" * 100_000 + "]" * 100_000,
+    "stale: many knobs": cache_with(_stale(_set(["config"], {**KNOBS, **{f"k{i}": 1 for i in range(40)}}))),
+    "stale: odd knob name": cache_with(_stale(_set(["config", "__import__('os')"], 1))),
+    "stale: long knob name": cache_with(_stale(_set(["config", "k" * 1000], 1))),
+    "stale: long knob value": cache_with(_stale(_set(["config", "split_masked"], "x" * 1000))),
+    "stale: float knob value": cache_with(_stale(_set(["config", "split_masked"], 0.5))),
 }
 
 
@@ -99,6 +126,7 @@ def test_hostile_and_malformed_caches_are_rejected_with_a_message(name):
 
 def test_a_valid_cache_passes_so_the_hostile_ones_fail_for_their_flaw():
     assert len(loads(cache_with(lambda d: None))) == 1
+    assert len(loads(cache_with(_stale(lambda d: None)))) == 1
 
 
 def test_oversized_files_are_refused_before_reading(tmp_path):
