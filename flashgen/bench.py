@@ -258,9 +258,10 @@ def _measure_peers(point: Point, peers: tuple[str, ...], check: Callable[[str, M
                    rounds: int) -> PointResult:  # fmt: skip
     """``check`` each peer into its Measurement, which gives back a timer (one median in ms); then run every
     peer's timer, in turn, ``rounds`` times, each round starting one peer further along, and take the median of
-    its rounds. Taking turns puts a drift of the GPU's clock (it slows as it heats) on all peers alike instead of
-    on whichever ran last, or first after the idle checks. A peer that cannot run this point, or fails a round,
-    is reported, not fatal."""
+    its rounds. Taking turns puts the GPU's changing clock on all peers alike: after a pause (a check, a compile)
+    it runs a kernel near its power limit faster for a while, and timing each peer right after its own check
+    flattered those (docs/hopper-notes.md, v23). A peer that cannot run this point, or fails a round, is
+    reported, not fatal."""
     result = PointResult(point)
     timers: dict[str, Callable[[], float]] = {}
 

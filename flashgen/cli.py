@@ -242,7 +242,7 @@ def _print_sram_model_error(rows: list[dict]) -> None:
 @click.option("--direction", type=click.Choice(["fwd", "bwd"]), default="fwd", show_default=True, help="Time the forward, or the backward alone (FLOPs 2.5x).")
 @click.option("--rounds", type=click.IntRange(min=1), default=BENCH_ROUNDS, show_default=True,
               help="Time every kernel of a point this many times (about 100 ms each), taking turns, and report the "
-                   "median: a slow drift of the GPU's clock then falls on all of them alike.")  # fmt: skip
+                   "median: the GPU's changing clock (faster after a pause) then falls on all of them alike.")  # fmt: skip
 @click.option("--overhead", is_flag=True, help="Instead of the grid: per-call time on tiny shapes against a direct launch of the same kernel and SDPA, and CUDA-graph replay.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all measurements as JSON here.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Plot TFLOP/s against seqlen, a panel per variant, here (needs matplotlib).")
