@@ -284,10 +284,12 @@ def test_any_scale_on_hopper(scale):
                                     SM90.config(block_m=192, block_n=64, num_stages=2, pingpong=True, persistent=True),
                                     CONFIGS[5]],
                          ids=lambda c: c.key)  # fmt: skip
-@pytest.mark.parametrize("n_q, n_k, causal_offset", [(517, 700, None), (700, 517, 0), (517, 333, -184)])
+@pytest.mark.parametrize("n_q, n_k, causal_offset", [(517, 700, None), (700, 517, 0), (517, 333, -184), (1024, 600, 0)])
 def test_a_program_runs_tile_after_tile(programs, config, n_q, n_k, causal_offset):
     # A grid far smaller than the tiles: each program carries its ring position and barrier phases across tiles
-    # of different lengths (causal), with ragged tails, GQA and rows that see no key (the negative offset).
+    # of different lengths (causal), with ragged tails, GQA and rows that see no key (the negative offset). Where
+    # BLOCK_M does not divide N_Q, consumers whose rows all lie past it only take part in the ring and the turns
+    # (700 and 192 rows: the last consumer of a head's last tile; 1024: the last two; 517 and 128: the last one).
     variant = Variant(64, "bf16", causal=causal_offset is not None)
     q = torch.randn(2, 4, n_q, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 2, 2, n_k, 64, device="cuda", dtype=torch.bfloat16)
