@@ -49,7 +49,7 @@ from flashgen.defaults import default_for
 from flashgen.device import DeviceInfo, toolchain
 from flashgen.entries import TunedEntry
 from flashgen.resources import default_database_url, tuning_db_dir
-from flashgen.shapes import ShapeBucket
+from flashgen.shapes import ShapeBucket, bucket_distance
 from flashgen.spec import (
     BACKWARD,
     BACKWARD_TEMPLATES,
@@ -163,12 +163,6 @@ class DispatchIndex:
         nearest = min(candidates, key=lambda other: (bucket_distance(bucket, other), -other.n_q, -other.n_k,
                                                      -other.batch_heads, other.key))  # fmt: skip
         return "nearest", self.exact[(template, nearest)]
-
-
-def bucket_distance(a: ShapeBucket, b: ShapeBucket) -> float:
-    """How far apart two buckets of one variant are, in log2 steps (see the module docstring)."""
-    return (abs(math.log2(a.n_q) - math.log2(b.n_q)) + abs(math.log2(a.n_k) - math.log2(b.n_k))
-            + abs(math.log2(a.batch_heads) - math.log2(b.batch_heads)) / 2 + (a.group != b.group))  # fmt: skip
 
 
 def _shipped_sources() -> list[tuple[str, list[TunedEntry]]]:

@@ -13,6 +13,7 @@ A bucket's key reads ``d128-bf16-causal/q4096-k4096-bh64-g1``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -120,3 +121,11 @@ def preset_buckets(name: str) -> list[ShapeBucket]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return grid_buckets(**PRESETS[name])
+
+
+def bucket_distance(a: ShapeBucket, b: ShapeBucket) -> float:
+    """How far apart two buckets of one variant are, in log2 steps: |dlog2 Nq| + |dlog2 Nk| + |dlog2 (B*H)| / 2,
+    plus 1 if the GQA group differs. Dispatch borrows the nearest tuned bucket's config by it, and the tuner starts
+    a bucket's search from its nearest buckets' winners."""
+    return (abs(math.log2(a.n_q) - math.log2(b.n_q)) + abs(math.log2(a.n_k) - math.log2(b.n_k))
+            + abs(math.log2(a.batch_heads) - math.log2(b.batch_heads)) / 2 + (a.group != b.group))  # fmt: skip

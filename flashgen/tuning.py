@@ -10,7 +10,6 @@ medians of that round are what is stored.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,7 +22,7 @@ from flashgen.db.store import TuningStore
 from flashgen.entries import TunedEntry
 from flashgen.device import DeviceInfo, device_info, toolchain
 from flashgen.defaults import default_for
-from flashgen.shapes import ShapeBucket
+from flashgen.shapes import ShapeBucket, bucket_distance
 from flashgen.spec import BACKWARD_TEMPLATES, FORWARD_TEMPLATES, KnobTable, KnobValue, TileConfig, knob_table
 from flashgen.sram import shared_budget
 from flashgen.tuner import (
@@ -168,7 +167,7 @@ def start_configs(entries: list[TunedEntry], template: str, bucket: ShapeBucket,
     mine = [e for e in entries if e.template == template and e.device == info and e.bucket.variant == bucket.variant]
     own = [config for e in sorted(mine, key=lambda e: e.created_at, reverse=True) if e.bucket == bucket
            for config in _as_knobs_now_stand(table, e.config)]  # fmt: skip
-    others = sorted({e.bucket for e in mine if e.bucket != bucket}, key=lambda b: (_bucket_distance(b, bucket), b.key))
+    others = sorted({e.bucket for e in mine if e.bucket != bucket}, key=lambda b: (bucket_distance(b, bucket), b.key))
     nearest = others[:NEIGHBOURING_BUCKETS]
     neighbours = [configs[0] for near in nearest for e in mine
                   if e.bucket == near if (configs := _as_knobs_now_stand(table, e.config))]  # fmt: skip
@@ -176,11 +175,6 @@ def start_configs(entries: list[TunedEntry], template: str, bucket: ShapeBucket,
 
 
 NEIGHBOURING_BUCKETS = 2  # other buckets whose winners start a search (see start_configs)
-
-
-def _bucket_distance(a: ShapeBucket, b: ShapeBucket) -> float:
-    """How far apart two buckets of one variant are: factors of two between their sizes, summed."""
-    return sum(abs(math.log2(getattr(a, name) / getattr(b, name))) for name in ("n_q", "n_k", "batch_heads", "group"))
 
 
 def _as_knobs_now_stand(table: KnobTable, config: TileConfig) -> list[TileConfig]:
