@@ -179,16 +179,19 @@ NEIGHBOURING_BUCKETS = 2  # other buckets whose winners start a search (see star
 
 def _as_knobs_now_stand(table: KnobTable, config: TileConfig) -> list[TileConfig]:
     """A stored ``config`` in the template's current knobs. Knobs added since it was stored take each of their
-    choices, the default first (the kernel it was): the search then measures what a new knob does to a known
-    winner before anything else. Empty if it names a knob or a value the template no longer has."""
+    choices that its values allow (a knob's ``requires``), the default first (the kernel it was): the search then
+    measures what a new knob does to a known winner before anything else. Empty if it names a knob or a value the
+    template no longer has."""
     values = config.to_dict()
     added = [knob for knob in table.knobs if knob.name not in values]
     choices = [[knob.default, *(c for c in knob.choices if c != knob.default)] for knob in added]
-    try:
-        return [table.config(**values, **dict(zip((knob.name for knob in added), combo)))
-                for combo in itertools.product(*choices)]
-    except ValueError:
-        return []
+    configs = []
+    for combo in itertools.product(*choices):
+        try:  # a value of an added knob may need other values of the stored ones (its `requires`): skip that one
+            configs.append(table.config(**values, **dict(zip((knob.name for knob in added), combo))))
+        except ValueError:
+            continue
+    return configs
 
 
 def sibling_entry(entries: list[TunedEntry], template: str, bucket: ShapeBucket, info: DeviceInfo) -> TunedEntry | None:

@@ -384,3 +384,19 @@ def test_a_winner_stored_before_a_knob_existed_starts_the_search_with_each_of_it
         default, sm90.config(block_n=128, persistent=True),  # (that winner was the default config)
         sm90.config(num_stages=2), sm90.config(num_stages=4),
     ]  # fmt: skip
+
+
+def test_an_added_knobs_values_that_a_stored_winner_cannot_take_are_skipped_not_the_winner():
+    from flashgen.spec import TileConfig
+    from flashgen.tuning import _as_knobs_now_stand
+
+    sm90 = knob_table("attn_fwd_sm90")
+
+    def stored(config):  # as stored before the template had a `pingpong` knob
+        return TileConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "pingpong"})
+
+    # pingpong=True requires block_m 128 or 192: a 64-row winner keeps only the default, and is not dropped.
+    lone = sm90.config(block_m=64, block_n=128, num_stages=3, persistent=True)
+    assert _as_knobs_now_stand(sm90, stored(lone)) == [lone]
+    pair = sm90.config(block_m=128, early_scores=True)
+    assert _as_knobs_now_stand(sm90, stored(pair)) == [pair, sm90.config(block_m=128, early_scores=True, pingpong=True)]
