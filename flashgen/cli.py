@@ -70,8 +70,8 @@ def main() -> None:
               help="The forward kernel (attn_fwd: Triton, any GPU; attn_fwd_sm90: Gluon, Hopper only), or the "
                    "backward's kernels (attn_bwd: dQ, then dK/dV; with atomic_dq, a row preprocess, then "
                    "dK/dV; attn_bwd_sm90: its Gluon dQ kernel, Hopper only, before attn_bwd's dK/dV; "
-                   "attn_bwd_fused_sm90 and attn_bwd_fused_tma_sm90: Hopper's one-kernel backwards at D=64 and D=128, "
-                   "dQ summed in float32 in varying order).")  # fmt: skip
+                   "attn_bwd_fused_sm90 (D=64) and attn_bwd_fused_tma_sm90 (D=64 and 128): Hopper's one-kernel "
+                   "backwards, dQ summed in float32 in varying order).")  # fmt: skip
 @click.option("--knob", "knob_items", multiple=True, metavar="NAME=VALUE",
               help="Set a knob of --template by name (the only way for the templates other than attn_fwd; their "
                    "knobs: templates/<template>.toml).")  # fmt: skip

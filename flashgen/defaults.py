@@ -157,8 +157,8 @@ def default_fused_sm90_backward_config(variant: Variant, device: DeviceInfo, *,
 @cache
 def default_fused_tma_sm90_backward_config(variant: Variant, device: DeviceInfo, *,
                                            sram_budget: int | None = None) -> TileConfig:  # fmt: skip
-    """The attn_bwd_fused_tma_sm90 config: its table's default, the one config it has (docs/hopper-notes.md, v19),
-    where it fits the budget."""
+    """The attn_bwd_fused_tma_sm90 config: its table's default, a 2-deep ring, where it fits the budget. It is
+    the only ring that fits at D=128 (docs/hopper-notes.md, v19), and the tuner's pick in most D=64 buckets (v27)."""
     only = knob_table(BACKWARD_FUSED_TMA_SM90).default_config()
     candidates = [(only.block_m, only.block_n, only.num_warps, only.num_stages)]
     return _first_fitting_or_error(BACKWARD_FUSED_TMA_SM90, candidates, variant, device, sram_budget)

@@ -17,7 +17,7 @@ Lookup order for a (template, bucket):
 The forward has two templates: attn_fwd (Triton, every GPU) and attn_fwd_sm90 (Gluon, Hopper; fp16/bf16, head
 dim 64 or 128, no dropout). The backward has four: attn_bwd (Triton), attn_bwd_sm90 (a Gluon dQ kernel before
 attn_bwd's dK/dV kernel; the same limits), attn_bwd_fused_sm90 (one Gluon kernel, head dim 64 only, dQ summed
-atomically) and attn_bwd_fused_tma_sm90 (one Gluon kernel, head dim 128 only, dQ summed by TMA reduce-adds); the
+atomically) and attn_bwd_fused_tma_sm90 (one Gluon kernel, head dim 64 or 128, dQ summed by TMA reduce-adds); the
 fused two are never picked when deterministic gradients are asked for. Where several can run, each is looked up
 as above and the best answer wins: an exact entry over a borrowed one, a nearer borrowed bucket over a farther
 one, then the faster tuned time (all are timed by the same evaluator on the same shapes, and where they are within

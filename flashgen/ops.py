@@ -278,7 +278,8 @@ def attention(
     bucket, else the nearest tuned bucket, else a default (``flashgen.explain`` says which and why).
     config / backward_config: force a tile config of a forward template (``flashgen.knob_table("attn_fwd")``
     or, on Hopper, ``"attn_fwd_sm90"``; ``.config(...)``) / of a backward template (``"attn_bwd"``, or on
-    Hopper ``"attn_bwd_sm90"``, at D=64 ``"attn_bwd_fused_sm90"`` and at D=128 ``"attn_bwd_fused_tma_sm90"``).
+    Hopper ``"attn_bwd_sm90"``, at D=64 ``"attn_bwd_fused_sm90"``, and at D=64 and 128
+    ``"attn_bwd_fused_tma_sm90"``).
     Differentiable in q, k and v (not through lse).
     deterministic: bit-reproducible gradients (no atomic dQ accumulation, whatever the tuned backward config
     says); default ``torch.are_deterministic_algorithms_enabled()``.

@@ -40,7 +40,7 @@ FORWARD_SM90 = "attn_fwd_sm90"  # Hopper's own forward (Gluon); runs what its ta
 BACKWARD = "attn_bwd"
 BACKWARD_SM90 = "attn_bwd_sm90"  # Hopper's backward: a Gluon dQ kernel, then attn_bwd's dK/dV kernel
 BACKWARD_FUSED_SM90 = "attn_bwd_fused_sm90"  # Hopper's backward in one Gluon kernel, dQ summed atomically
-BACKWARD_FUSED_TMA_SM90 = "attn_bwd_fused_tma_sm90"  # the same at D=128, dQ summed by TMA reduce-adds
+BACKWARD_FUSED_TMA_SM90 = "attn_bwd_fused_tma_sm90"  # the same in FA3's layout, dQ summed by TMA reduce-adds
 FORWARD_TEMPLATES = (FORWARD, FORWARD_SM90)  # dispatch picks the faster tuned one per shape bucket
 BACKWARD_TEMPLATES = (BACKWARD, BACKWARD_SM90, BACKWARD_FUSED_SM90, BACKWARD_FUSED_TMA_SM90)  # likewise
 TEMPLATES = (*FORWARD_TEMPLATES, *BACKWARD_TEMPLATES)

@@ -92,14 +92,15 @@ def estimate_fused_tma_sm90_backward_shared_bytes(variant: Variant, config: Tile
     """Shared memory of one program of Hopper's fused backward with TMA-summed dQ (attn_bwd_fused_tma_sm90), in
     bytes: ``num_stages`` buffers of a step's Q and dO tiles and its rows' float32 lse2 and delta; the program's K and
     V (``block_n`` keys); each consumer group's P tile and two dS tiles (``block_m`` x ``block_n / 2``); each group's
-    float32 staging tile of half of dQ's columns; and 512 bytes for the mbarriers and warp specialisation (compiled
-    for sm_90 with Triton 3.6, D=128, 2 stages: 480-496 bytes above the rest)."""
+    float32 staging tile of half of dQ's columns; and 464 bytes plus two 8-byte mbarriers a ring buffer for the other
+    mbarriers, warp specialisation and alignment (compiled for sm_90 with Triton 3.6: 480-496 bytes above the rest at
+    D=128 with 2 stages, 480, 512 and 528 at D=64 with 2, 3 and 4)."""
     row_bytes = variant.head_dim * variant.element_size
     ring = config.num_stages * (2 * config.block_m * row_bytes + 2 * config.block_m * 4)
     keys = 2 * config.block_n * row_bytes
     score_tiles = 3 * config.block_m * config.block_n * variant.element_size  # P, and dS twice, of both groups
     dq_staging = config.block_m * variant.head_dim * 4
-    return ring + keys + score_tiles + dq_staging + 512
+    return ring + keys + score_tiles + dq_staging + 464 + 16 * config.num_stages
 
 
 def shared_budget(device: DeviceInfo, user_budget: int | None = None) -> int | None:

@@ -659,7 +659,8 @@ class FusedSm90BackwardEvaluator(BackwardEvaluator):
 
 
 class FusedTmaSm90BackwardEvaluator(BackwardEvaluator):
-    """Hopper's fused backward at D=128, attn_bwd_fused_tma_sm90: checked and timed as attn_bwd is."""
+    """Hopper's fused backward in FlashAttention-3's layout, attn_bwd_fused_tma_sm90: checked and timed as attn_bwd
+    is."""
 
     template = BACKWARD_FUSED_TMA_SM90
 
