@@ -69,11 +69,9 @@ def test_its_rings_fit_hopper_by_head_dim_and_it_is_not_bit_reproducible():
     # At D=64 every ring fits (4 stages: 166 KB); a 160 KB budget leaves out the 4-deep one.
     bucket = ShapeBucket.of(D64, batch=4, heads_q=16, heads_kv=16, n_q=4096, n_k=4096)
     rings = [FUSED_TMA.config(num_stages=n) for n in (2, 3, 4)]
-    assert sorted(search_space(bucket, sram_budget=H100_SHARED, template=BACKWARD_FUSED_TMA_SM90), key=str) == \
-        sorted(rings, key=str)
+    assert set(search_space(bucket, sram_budget=H100_SHARED, template=BACKWARD_FUSED_TMA_SM90)) == set(rings)
     assert 160_000 < estimate_fused_tma_sm90_backward_shared_bytes(D64, rings[2]) < 170_000
-    assert sorted(search_space(bucket, sram_budget=160_000, template=BACKWARD_FUSED_TMA_SM90), key=str) == \
-        sorted(rings[:2], key=str)
+    assert set(search_space(bucket, sram_budget=160_000, template=BACKWARD_FUSED_TMA_SM90)) == set(rings[:2])
 
 
 def bucket_of(n, variant=D128):

@@ -387,7 +387,6 @@ def test_a_winner_stored_before_a_knob_existed_starts_the_search_with_each_of_it
 
 
 def test_an_added_knobs_values_that_a_stored_winner_cannot_take_are_skipped_not_the_winner():
-    from flashgen.spec import TileConfig
     from flashgen.tuning import _as_knobs_now_stand
 
     sm90 = knob_table("attn_fwd_sm90")
